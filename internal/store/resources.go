@@ -106,4 +106,3 @@ func (s *Store) ResourceHeld(ctx context.Context, kind, ref string) (bool, error
 	err := s.reader().QueryRowContext(ctx, `SELECT count(*) FROM vm_resources WHERE kind = ? AND ref = ?`, kind, ref).Scan(&n)
 	return n > 0, err
 }
-
