@@ -16,6 +16,11 @@ const MaxRequestBody = 1 << 20
 // per line.
 const ContentTypeNDJSON = "application/x-ndjson"
 
+// EnvReadyFD names a file descriptor on which a daemon started by the CLI
+// reports "ok" once it serves, or "error: …" when it cannot start. The CLI
+// passes a pipe there instead of polling the socket.
+const EnvReadyFD = "BANGER_READY_FD"
+
 // VersionInfo answers GET /v1/version.
 type VersionInfo struct {
 	Version   string `json:"version"`

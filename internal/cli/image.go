@@ -1,0 +1,13 @@
+package cli
+
+import "github.com/spf13/cobra"
+
+func (a *app) newImageCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "image",
+		Aliases: []string{"images"},
+		Short:   "Build, import and manage images",
+	}
+	cmd.AddCommand(a.newImageListCmd())
+	return cmd
+}
