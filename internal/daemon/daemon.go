@@ -265,5 +265,5 @@ func (r *readyNotifier) send(msg string) {
 	})
 }
 
-func (r *readyNotifier) ok()           { r.send("ok") }
+func (r *readyNotifier) ok()            { r.send("ok") }
 func (r *readyNotifier) fail(err error) { r.send("error: " + err.Error()) }
