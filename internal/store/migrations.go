@@ -229,3 +229,17 @@ func ExerciseMigration(ctx context.Context, path string, id int, seed func(*sql.
 	s.Close()
 	return Open(ctx, path, Options{})
 }
+
+// MigrateTo creates or migrates the database at path up to migration upTo
+// and closes it. It exists for tests that need a database of an older
+// schema (e.g. `bangerd --check-migrations` with pending migrations).
+func MigrateTo(ctx context.Context, path string, upTo int) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	s, err := openAt(ctx, path, upTo)
+	if err != nil {
+		return err
+	}
+	return s.Close()
+}
