@@ -161,3 +161,31 @@ type StreamMessage struct {
 	Result any    `json:"result,omitempty"`
 	Error  *Error `json:"error,omitempty"`
 }
+
+// ImageBuildRequest is the body of POST /v1/images/build. The response is
+// an NDJSON stream of StreamMessage ending with the built Image.
+type ImageBuildRequest struct {
+	Name     string   `json:"name"`
+	Suite    string   `json:"suite,omitempty"`    // default from config: bookworm
+	Mirror   string   `json:"mirror,omitempty"`   // default from config
+	Packages []string `json:"packages,omitempty"` // added to the default set
+	// Customize scripts run in the new rootfs in order. The CLI sends their
+	// content, so the daemon never reads the caller's files.
+	Customize []Script `json:"customize,omitempty"`
+	SizeBytes int64    `json:"size_bytes,omitempty"` // 0: content plus headroom
+}
+
+// Script is a customization script.
+type Script struct {
+	Name    string `json:"name"`
+	Content string `json:"content"`
+}
+
+// ImageImportRequest is the body of POST /v1/images/import: host paths the
+// daemon reads (absolute; the CLI resolves them).
+type ImageImportRequest struct {
+	Name   string `json:"name"`
+	Rootfs string `json:"rootfs"`
+	Kernel string `json:"kernel"`
+	Initrd string `json:"initrd,omitempty"`
+}
