@@ -18,7 +18,8 @@ import (
 
 // VMService is what the handlers need of the VM lifecycle.
 type VMService interface {
-	List(ctx context.Context) ([]api.VM, error)
+	// ListJSON is the VM list already encoded as a JSON array.
+	ListJSON(ctx context.Context) ([]byte, error)
 }
 
 // ImageService is what the handlers need of the image store.
@@ -187,15 +188,13 @@ func (s *Server) shutdown(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listVMs(w http.ResponseWriter, r *http.Request) error {
-	vms, err := s.VMs.List(r.Context())
+	b, err := s.VMs.ListJSON(r.Context())
 	if err != nil {
 		return err
 	}
-	if vms == nil {
-		vms = []api.VM{}
-	}
-	writeJSON(w, http.StatusOK, vms)
-	return nil
+	w.Header().Set("Content-Type", "application/json")
+	_, err = w.Write(b)
+	return err
 }
 
 func (s *Server) listImages(w http.ResponseWriter, r *http.Request) error {

@@ -17,6 +17,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
@@ -27,6 +28,9 @@ type Store struct {
 	path string
 	rw   *sql.DB // one connection, BEGIN IMMEDIATE
 	ro   *sql.DB // readers
+	// gen counts committed write transactions, so readers can cache what
+	// they derived from the database until it changes.
+	gen atomic.Uint64
 }
 
 // Options tune Open.
@@ -132,8 +136,13 @@ func (s *Store) Tx(ctx context.Context, fn func(*sql.Tx) error) error {
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	s.gen.Add(1)
 	return nil
 }
+
+// Generation changes after every committed write. A cache built after
+// reading Generation() == g is valid while Generation() still returns g.
+func (s *Store) Generation() uint64 { return s.gen.Load() }
 
 // now is the time stamp written into rows. Tests may replace it.
 var now = func() time.Time { return time.Now().UTC() }

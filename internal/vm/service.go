@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"sync"
 
 	"github.com/bangerhq/banger/internal/api"
 	"github.com/bangerhq/banger/internal/store"
@@ -16,6 +17,18 @@ import (
 type Service struct {
 	Store *store.Store
 	Log   *slog.Logger
+
+	listMu sync.Mutex // guards list
+	list   listCache
+}
+
+// listCache holds the VM list and its JSON encoding as of a store
+// generation: `banger vm list` and the TUI ask often, the list rarely changes.
+type listCache struct {
+	gen  uint64
+	ok   bool
+	vms  []api.VM
+	json []byte
 }
 
 // Runtime is the observed part of a VM kept in the vms.runtime column.
@@ -25,6 +38,36 @@ type Runtime struct {
 
 // List returns every VM as the API shows it.
 func (s *Service) List(ctx context.Context) ([]api.VM, error) {
+	c, err := s.cachedList(ctx)
+	return c.vms, err
+}
+
+// ListJSON returns List encoded as a JSON array.
+func (s *Service) ListJSON(ctx context.Context) ([]byte, error) {
+	c, err := s.cachedList(ctx)
+	return c.json, err
+}
+
+func (s *Service) cachedList(ctx context.Context) (listCache, error) {
+	s.listMu.Lock()
+	defer s.listMu.Unlock()
+	gen := s.Store.Generation()
+	if s.list.ok && s.list.gen == gen {
+		return s.list, nil
+	}
+	vms, err := s.load(ctx)
+	if err != nil {
+		return listCache{}, err
+	}
+	b, err := json.Marshal(vms)
+	if err != nil {
+		return listCache{}, err
+	}
+	s.list = listCache{gen: gen, ok: true, vms: vms, json: append(b, '\n')}
+	return s.list, nil
+}
+
+func (s *Service) load(ctx context.Context) ([]api.VM, error) {
 	rows, err := s.Store.ListVMs(ctx)
 	if err != nil {
 		return nil, err
