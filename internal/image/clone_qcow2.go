@@ -4,14 +4,20 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 )
 
 // qcow2Cloner makes a qcow2 overlay whose backing file is src: QEMU reads
 // unwritten clusters from src and writes only to the overlay.
+//
+// It writes the overlay's few hundred bytes of metadata itself (qcow2.go)
+// instead of running qemu-img create, which syncs the file several times
+// and sleeps: that made a clone cost 15-28 ms, this one a single fsync of
+// the file and one of its directory, whatever the disk's size.
 type qcow2Cloner struct {
+	// qemuImg is the qemu-img that NewCloner and ChooseCloner pass in.
+	// Clone no longer runs it; tests verify overlays with qemu-img.
 	qemuImg string
 }
 
@@ -25,7 +31,10 @@ func (c qcow2Cloner) Clone(ctx context.Context, src, dst string) error {
 	return nil
 }
 
-func (c qcow2Cloner) clone(ctx context.Context, src, dst string) error {
+func (qcow2Cloner) clone(ctx context.Context, src, dst string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
 	if err := checkCloneSource(src); err != nil {
 		return err
 	}
@@ -35,23 +44,30 @@ func (c qcow2Cloner) clone(ctx context.Context, src, dst string) error {
 	if err != nil {
 		return err
 	}
-	// QEMU reads "proto:rest" in a filename as a protocol (nbd:, ssh:...),
-	// so a colon would make the overlay point somewhere else entirely.
+	// QEMU reads "proto:rest" in a filename as a protocol (nbd:, ssh:,
+	// json:...), both in the backing file name it finds in the overlay and
+	// in the overlay's own name on its command line, so a colon would make
+	// the disk point somewhere else entirely.
 	for _, p := range []string{backing, dst} {
 		if strings.Contains(p, ":") {
 			return fmt.Errorf("path %q contains ':', which qemu reads as a protocol prefix", p)
 		}
 	}
+	st, err := os.Stat(backing)
+	if err != nil {
+		return err
+	}
+	// QEMU sizes disks in 512-byte sectors and reads zeros past the end of a
+	// backing file, so a source that ends mid-sector gets the rest of that
+	// sector as zeros, as qemu-img create -b gave it.
+	size := (st.Size() + sectorSize - 1) / sectorSize * sectorSize
+	overlay, err := newQCOW2Overlay(backing, size)
+	if err != nil {
+		return err
+	}
 	return createFileClone(dst, func(tmp *os.File) error {
-		// -F raw: never let qemu probe the backing file's format, or a
-		// guest that writes a qcow2 header into its rootfs could make
-		// later overlays read host files.
-		cmd := exec.CommandContext(ctx, c.qemuImg, "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, tmp.Name())
-		if out, err := cmd.CombinedOutput(); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("qemu-img create: %w: %s", err, strings.TrimSpace(string(out)))
+		if err := overlay.writeTo(tmp); err != nil {
+			return fmt.Errorf("write %q: %w", tmp.Name(), err)
 		}
 		return nil
 	})

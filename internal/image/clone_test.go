@@ -392,15 +392,6 @@ func TestCloneStrategies(t *testing.T) {
 func TestCloneFailureLeavesNothing(t *testing.T) {
 	cancelled, cancel := context.WithCancel(t.Context())
 	cancel()
-	// failingQemuImg writes half an image into its target, then fails.
-	failingQemuImg := func(t *testing.T) string {
-		p := filepath.Join(t.TempDir(), "qemu-img")
-		script := "#!/bin/sh\nfor last; do :; done\necho partial > \"$last\"\necho 'qemu-img: simulated failure' >&2\nexit 1\n"
-		if err := os.WriteFile(p, []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
 	tests := []struct {
 		name    string
 		cloner  func(t *testing.T) Cloner
@@ -413,11 +404,17 @@ func TestCloneFailureLeavesNothing(t *testing.T) {
 			func(t *testing.T, good string) string { return good + ".missing" }, "no such file"},
 		{"reflink where the filesystem cannot", func(t *testing.T) Cloner { hostDirNoReflink(t); return reflinkCloner{} }, nil, nil, "FICLONE"},
 		{"reflink, cancelled", func(*testing.T) Cloner { return reflinkCloner{} }, cancelled, nil, "context canceled"},
-		{"qcow2, qemu-img fails", func(t *testing.T) Cloner { return qcow2Cloner{qemuImg: failingQemuImg(t)} }, nil, nil, "qemu-img: simulated failure"},
-		{"qcow2, cancelled", func(t *testing.T) Cloner {
-			testutil.RequireCommand(t, "qemu-img")
-			return qcow2Cloner{qemuImg: "qemu-img"}
-		}, cancelled, nil, "context canceled"},
+		{"qcow2, backing file name too long for QEMU", func(*testing.T) Cloner { return qcow2Cloner{} }, nil,
+			func(t *testing.T, good string) string {
+				d := filepath.Join(t.TempDir(), strings.Repeat("d", 250), strings.Repeat("d", 250), strings.Repeat("d", 250), strings.Repeat("d", 250))
+				if err := os.MkdirAll(d, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				p := filepath.Join(d, "rootfs.ext4")
+				makeSparseSource(t, p, 1<<20, nil)
+				return p
+			}, "more than the 1023 QEMU opens"},
+		{"qcow2, cancelled", func(*testing.T) Cloner { return qcow2Cloner{} }, cancelled, nil, "context canceled"},
 		{"qcow2, colon in the source path", func(*testing.T) Cloner { return qcow2Cloner{qemuImg: "qemu-img"} }, nil,
 			func(t *testing.T, good string) string {
 				p := filepath.Join(t.TempDir(), "nbd:evil")
