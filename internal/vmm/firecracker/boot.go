@@ -14,15 +14,16 @@ import (
 	"strings"
 
 	"github.com/bangerhq/banger/internal/vmm"
+	"github.com/bangerhq/banger/internal/vmm/firecracker/jail"
 )
 
 // Firecracker's own limits that the driver checks before spawning, so a bad
 // config fails with a clear error and leaves nothing behind.
 const (
-	maxVCPUs = 32  // MachineConfiguration.vcpu_count maximum
-	minCID   = 3   // Vsock.guest_cid minimum (0-2 are reserved)
-	maxIfLen = 15  // IFNAMSIZ-1: the longest tap name TUNSETIFF takes
-	maxSock  = 107 // sun_path holds 108 bytes with the trailing NUL
+	maxVCPUs = 32 // MachineConfiguration.vcpu_count maximum
+	minCID   = 3  // Vsock.guest_cid minimum (0-2 are reserved)
+	maxIfLen = 15 // IFNAMSIZ-1: the longest tap name TUNSETIFF takes
+	maxSock  = jail.MaxSocketPath
 )
 
 // plan is a validated vmm.Config turned into request bodies. It does not
@@ -54,13 +55,21 @@ type call struct {
 // bodies. mtu, when non-zero, is advertised on every NIC where the version
 // allows it.
 func newPlan(cfg vmm.Config, mtu int) (plan, error) {
+	return buildPlan(cfg, mtu, true)
+}
+
+// buildPlan is newPlan; spawning checks that cfg.RunDir can hold the API
+// socket, which a Firecracker started by someone else does not need.
+func buildPlan(cfg vmm.Config, mtu int, spawning bool) (plan, error) {
 	var errs []error
 	fail := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 
-	if err := checkRunDir(cfg.RunDir); err != nil {
-		errs = append(errs, err)
-	} else if err := checkSocketPath(filepath.Join(cfg.RunDir, SocketName), "api socket"); err != nil {
-		errs = append(errs, err)
+	if spawning {
+		if err := checkRunDir(cfg.RunDir); err != nil {
+			errs = append(errs, err)
+		} else if err := checkSocketPath(filepath.Join(cfg.RunDir, SocketName), "api socket"); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if cfg.Accel != "" && cfg.Accel != vmm.KVM {
 		fail("firecracker runs guests only with kvm, not %q (hint: use --vmm qemu for software emulation)", cfg.Accel)
@@ -196,6 +205,19 @@ func (p plan) calls(caps Capabilities) (calls []call, dropped []string, err erro
 	}
 	calls = append(calls, call{"start instance", "PUT", "/actions", instanceAction{ActionType: ActionInstanceStart}})
 	return calls, dropped, nil
+}
+
+// apply sends the boot sequence for the version m runs, leaving out the
+// optional features it lacks (and saying so).
+func (p plan) apply(ctx context.Context, m *Machine) error {
+	calls, dropped, err := p.calls(m.client.Capabilities())
+	if err != nil {
+		return err
+	}
+	for _, note := range dropped {
+		m.log.Info("firecracker version lacks an optional feature; leaving it out", "feature", note, "version", m.client.Capabilities().Version.String())
+	}
+	return runCalls(ctx, m.client, calls)
 }
 
 // runCalls sends calls in order and stops at the first failure.

@@ -2,9 +2,10 @@
 // a unix socket: a small hand-written client (client.go, api.go), a table of
 // what each supported version accepts (versions.go), the vmm.Driver that
 // spawns and boots a VM (driver.go, boot.go) and the vmm.Machine that
-// controls it (machine.go). jailer.go plans jailed launches for the root
-// helper. The contract is the published swagger of v1.14.2, v1.16.1 and
-// 1.17.0-dev (testdata/spec), which fcfake serves in the tests.
+// controls it (machine.go). A jailed Firecracker is started by the root
+// helper (package jail plans it) and only configured and booted here
+// (jailed.go). The contract is the published swagger of v1.14.2, v1.16.1
+// and 1.17.0-dev, which fcfake serves in the tests.
 package firecracker
 
 import (
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/bangerhq/banger/internal/vmm"
+	"github.com/bangerhq/banger/internal/vmm/firecracker/jail"
 )
 
 // Files the driver keeps in Config.RunDir.
@@ -61,16 +63,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config, log *slog.Logger) (v
 	if err != nil {
 		return nil, err
 	}
-	return d.launch(ctx, cfg, plan.vsockPath(), log, func(ctx context.Context, m *Machine) error {
-		calls, dropped, err := plan.calls(m.client.Capabilities())
-		if err != nil {
-			return err
-		}
-		for _, note := range dropped {
-			m.log.Info("firecracker version lacks an optional feature; leaving it out", "feature", note, "version", m.client.Capabilities().Version.String())
-		}
-		return runCalls(ctx, m.client, calls)
-	})
+	return d.launch(ctx, cfg, plan.vsockPath(), log, plan.apply)
 }
 
 // Restore is a snapshot to load into a fresh Firecracker process.
@@ -128,11 +121,10 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, r Restore, log *sl
 }
 
 // launch is what Start and Restore share: clear stale sockets, create the
-// log file, spawn, wait for the socket, negotiate the version, point the
-// logger at the log file, then run configure. Any failure after the spawn
-// kills the process and removes the sockets (Machine.abort).
+// log file, spawn, then bring the process up (setUp). Any failure after
+// the spawn kills the process and removes the sockets (Machine.abort).
 func (d *Driver) launch(ctx context.Context, cfg vmm.Config, vsockPath string, log *slog.Logger,
-	configure func(context.Context, *Machine) error) (_ *Machine, err error) {
+	configure func(context.Context, *Machine) error) (*Machine, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -176,30 +168,38 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, vsockPath string, l
 	client := NewClient(sock, log)
 	h := vmm.Handle{Kind: vmm.Firecracker, PID: proc.PID, StartTime: proc.StartTime, ControlSocket: sock}
 	m := newMachine(proc, client, h, log, logPath, cfg.ConsoleLog, vsockPath)
-	defer func() {
-		if err != nil {
-			m.abort()
-		}
-	}()
+	if err := d.setUp(ctx, m, logPath, configure); err != nil {
+		m.abort()
+		return nil, err
+	}
+	return m, nil
+}
+
+// setUp brings up a Firecracker process that is running but not yet
+// configured, whoever started it: wait for its socket, negotiate the
+// version, point its logger at logPath (a path as Firecracker sees it),
+// then run configure. The caller undoes a failure.
+func (d *Driver) setUp(ctx context.Context, m *Machine, logPath string, configure func(context.Context, *Machine) error) error {
 	timeout := d.ReadyTimeout
 	if timeout <= 0 {
 		timeout = DefaultReadyTimeout
 	}
 	if err := m.waitReady(ctx, timeout); err != nil {
-		return nil, err
+		return err
 	}
-	if caps := client.Capabilities(); caps.Version.Compare(capabilityTable[len(capabilityTable)-1].From) > 0 {
-		log.Warn("firecracker is newer than the newest API spec banger knows; using that spec's capabilities",
+	caps := m.client.Capabilities()
+	if caps.Version.Compare(capabilityTable[len(capabilityTable)-1].From) > 0 {
+		m.log.Warn("firecracker is newer than the newest API spec banger knows; using that spec's capabilities",
 			"version", caps.Version.String(), "table", caps.Table)
 	}
-	if err := client.PutLogger(ctx, Logger{LogPath: logPath, Level: "Info", ShowLevel: true}); err != nil {
-		return nil, fmt.Errorf("configure firecracker logger: %w", err)
+	if err := m.client.PutLogger(ctx, Logger{LogPath: logPath, Level: "Info", ShowLevel: true}); err != nil {
+		return fmt.Errorf("configure firecracker logger: %w", err)
 	}
 	if err := configure(ctx, m); err != nil {
-		return nil, err
+		return err
 	}
-	log.Info("firecracker started", "pid", proc.PID, "version", client.Capabilities().Version.String())
-	return m, nil
+	m.log.Info("firecracker started", "pid", m.handle.PID, "version", caps.Version.String())
+	return nil
 }
 
 func (d *Driver) executable(cfg vmm.Config) (string, error) {
@@ -221,6 +221,12 @@ func (d *Driver) executable(cfg vmm.Config) (string, error) {
 // must still carry the recorded start time and the socket must answer
 // GET /.
 func (d *Driver) Attach(ctx context.Context, h vmm.Handle, log *slog.Logger) (vmm.Machine, error) {
+	return d.attach(ctx, h, nil, log)
+}
+
+// attach is Attach; kill, when set, is how the Machine kills the process
+// (AttachJailed).
+func (d *Driver) attach(ctx context.Context, h vmm.Handle, kill func() error, log *slog.Logger) (*Machine, error) {
 	if h.Kind != vmm.Firecracker {
 		return nil, fmt.Errorf("attach firecracker: handle is for %q", h.Kind)
 	}
@@ -243,11 +249,14 @@ func (d *Driver) Attach(ctx context.Context, h vmm.Handle, log *slog.Logger) (vm
 		client.Close()
 		return nil, fmt.Errorf("attach firecracker pid %d: %w", h.PID, err)
 	}
-	// The log sits next to the socket: both live in the VM's RunDir. The
+	// The log sits next to the socket: both live in the VM's RunDir, or
+	// for a jailed VM in the jail's instance dir (jail.HostLogName). The
 	// vsock socket is not recorded in the handle, so it is left to the
 	// daemon's cleanup of RunDir.
 	logPath := filepath.Join(filepath.Dir(h.ControlSocket), LogName)
-	return newMachine(proc, client, h, log, logPath, "", ""), nil
+	m := newMachine(proc, client, h, log, logPath, "", "")
+	m.kill = kill
+	return m, nil
 }
 
 // removeStaleSocket removes a socket left by a process that is gone, so
@@ -296,5 +305,5 @@ func freshLog(path string) error {
 // validInstanceID is Firecracker's rule for --id (and the jailer's):
 // letters, digits and '-', 1 to 64 characters.
 func validInstanceID(id string) bool {
-	return checkJailID(id) == nil
+	return jail.ValidateID(id) == nil
 }

@@ -33,6 +33,10 @@ type Machine struct {
 	logPath    string   // Firecracker's own log, read back for the exit code after a re-attach
 	consoleLog string   // serial console, quoted when Firecracker dies during start
 	sockets    []string // removed once the process is gone, before done closes
+	// kill, when set, is how Kill ends a process this one may not signal:
+	// a jailed Firecracker runs as a uid of its own, and banger-helper
+	// kills it. Set before the Machine is handed out, never changed.
+	kill func() error
 
 	shutdownAsked atomic.Bool // Shutdown delivered Ctrl-Alt-Del
 	killed        atomic.Bool // Kill sent SIGKILL
@@ -105,14 +109,26 @@ func (m *Machine) Shutdown(ctx context.Context) error {
 }
 
 // Kill sends SIGKILL: Firecracker has no handler for it (nor for SIGTERM),
-// so it ends at once. Killing a process that is already gone is not an
-// error.
+// so it ends at once. A jailed Firecracker is killed through the function
+// given to BootJailed or AttachJailed instead. Killing a process that is
+// already gone is not an error.
 func (m *Machine) Kill() error {
 	m.killed.Store(true)
-	if err := m.proc.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, vmm.ErrGone) {
+	if m.kill != nil {
+		if err := m.kill(); err != nil {
+			return fmt.Errorf("kill jailed firecracker pid %d: %w", m.handle.PID, err)
+		}
+		return nil
+	}
+	err := m.proc.Signal(syscall.SIGKILL)
+	switch {
+	case err == nil, errors.Is(err, vmm.ErrGone):
+		return nil
+	case errors.Is(err, syscall.EPERM):
+		return fmt.Errorf("kill firecracker pid %d: %w (hint: a jailed firecracker runs as a uid of its own; banger-helper's KillJailed ends it)", m.handle.PID, err)
+	default:
 		return fmt.Errorf("kill firecracker pid %d: %w", m.handle.PID, err)
 	}
-	return nil
 }
 
 // Pause stops the vCPUs (PATCH /vm Paused).

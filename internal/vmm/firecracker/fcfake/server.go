@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 	"unicode"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxPayload is Firecracker's default --http-api-max-payload-size.
@@ -37,6 +39,11 @@ type Options struct {
 	// ResetDelay is how long the fake guest takes from Ctrl-Alt-Del to the
 	// reset (default 20 ms).
 	ResetDelay time.Duration
+	// Root, when set, is where the paths in requests resolve, as if the
+	// process were chrooted there by the jailer: it lets a test without
+	// root serve a jailed configuration in process. The fake run as a
+	// process under a jailer is really chrooted and leaves it empty.
+	Root string
 }
 
 // Server is one fake Firecracker process's API. It processes one request
@@ -66,6 +73,7 @@ type Server struct {
 	netIDs    []string
 	vsock     map[string]any
 	vsockLn   net.Listener
+	taps      []*os.File // tap devices attached (jailed process only)
 	entropy   map[string]any
 	balloon   map[string]any
 	mmds      any
@@ -115,6 +123,10 @@ func (s *Server) Close() {
 		s.logFile.Close()
 		s.logFile = nil
 	}
+	for _, f := range s.taps {
+		f.Close()
+	}
+	s.taps = nil
 }
 
 // State returns GET /'s state.
@@ -406,7 +418,7 @@ func (s *Server) putLoggerLocked(obj *Object) reply {
 	path, _ := mustString(obj, "log_path")
 	if path != "" {
 		// Firecracker opens the log without O_CREAT.
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+		f, err := os.OpenFile(s.hostPath(path), os.O_WRONLY|os.O_APPEND, 0)
 		if err != nil {
 			return fault("Logger error: Failed to open target file: " + rustIOError(err)) // approximate
 		}
@@ -426,7 +438,7 @@ func (s *Server) putMetricsLocked(obj *Object) reply {
 		return fault("Metrics error: Reinitialization of metrics not allowed.") // approximate
 	}
 	path, _ := mustString(obj, "metrics_path")
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND, 0)
+	f, err := os.OpenFile(s.hostPath(path), os.O_WRONLY|os.O_APPEND, 0)
 	if err != nil {
 		return fault("Metrics error: Failed to open target file: " + rustIOError(err)) // approximate
 	}
@@ -470,11 +482,11 @@ func (s *Server) putMachineLocked(obj *Object, put bool) reply {
 
 func (s *Server) putBootLocked(obj *Object) reply {
 	kernel, _ := mustString(obj, "kernel_image_path")
-	if err := openRead(kernel); err != nil {
+	if err := openRead(s.hostPath(kernel)); err != nil {
 		return fault("Boot source error: The kernel file cannot be opened: " + rustIOError(err))
 	}
 	if initrd, ok := mustString(obj, "initrd_path"); ok {
-		if err := openRead(initrd); err != nil {
+		if err := openRead(s.hostPath(initrd)); err != nil {
 			return fault("Boot source error: The initrd file cannot be opened: " + rustIOError(err))
 		}
 	}
@@ -492,7 +504,7 @@ func (s *Server) putDriveLocked(id string, obj *Object) reply {
 		if ro, _ := obj.Get("is_read_only"); ro == true {
 			flag = os.O_RDONLY
 		}
-		f, err := os.OpenFile(path, flag, 0)
+		f, err := os.OpenFile(s.hostPath(path), flag, 0)
 		if err != nil {
 			return fault("Drive config error: Unable to create the virtio block device: Virtio backend error: Error manipulating the backing file: " + rustIOError(err) + " " + path) // approximate
 		}
@@ -518,7 +530,7 @@ func (s *Server) patchDriveLocked(id string, obj *Object) reply {
 		return fault("Drive config error: Device not found: " + id) // approximate
 	}
 	if path, ok := mustString(obj, "path_on_host"); ok {
-		if err := openRead(path); err != nil {
+		if err := openRead(s.hostPath(path)); err != nil {
 			return fault("Drive config error: Unable to patch the block device: " + rustIOError(err)) // approximate
 		}
 		d["path_on_host"] = path
@@ -545,7 +557,7 @@ func (s *Server) putNetLocked(id string, obj *Object) reply {
 			return fault(fmt.Sprintf("Network config error: The guest MAC address %s is already in use.", mac)) // approximate
 		}
 	}
-	if err := openTap(tap); err != nil {
+	if err := s.openTapLocked(tap); err != nil {
 		return fault(fmt.Sprintf("Network config error: Could not create the network device: Open tap device failed: %s. Invalid TUN/TAP Backend provided by %s. Check our documentation on setting up the network devices.", err, tap)) // approximate
 	}
 	if _, ok := s.nets[id]; !ok {
@@ -555,12 +567,23 @@ func (s *Server) putNetLocked(id string, obj *Object) reply {
 	return noContent
 }
 
-// openTap stands for TUNSETIFF on /dev/net/tun: the name must fit IFNAMSIZ,
-// and an existing interface must be a tun/tap device. A missing one is
-// created by the kernel when the process may (CAP_NET_ADMIN, here: root).
-func openTap(name string) error {
+// openTapLocked stands for TUNSETIFF on /dev/net/tun: the name must fit
+// IFNAMSIZ, and an existing interface must be a tun/tap device. A missing
+// one is created by the kernel when the process may (CAP_NET_ADMIN, here:
+// root). A process without /sys is a jailed one (the jailer mounts none);
+// it does what Firecracker does, so the kernel decides whether its uid may
+// attach to the tap.
+func (s *Server) openTapLocked(name string) error {
 	if len(name) == 0 || len(name) > 15 {
 		return errors.New("Error while creating ifreq structure: Invalid argument (os error 22)")
+	}
+	if _, err := os.Stat("/sys/class/net"); err != nil {
+		f, err := attachTap(name)
+		if err != nil {
+			return err
+		}
+		s.taps = append(s.taps, f) // held while the process runs, as Firecracker holds it
+		return nil
 	}
 	if _, err := os.Stat(filepath.Join("/sys/class/net", name)); err == nil {
 		if _, err := os.Stat(filepath.Join("/sys/class/net", name, "tun_flags")); err != nil {
@@ -574,9 +597,28 @@ func openTap(name string) error {
 	return nil
 }
 
+// attachTap opens /dev/net/tun and attaches it to the tap with
+// Firecracker's flags.
+func attachTap(name string) (*os.File, error) {
+	f, err := os.OpenFile("/dev/net/tun", os.O_RDWR|syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, errors.New("Error while opening /dev/net/tun: " + rustIOError(err))
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err == nil {
+		ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+		err = unix.IoctlIfreq(int(f.Fd()), unix.TUNSETIFF, ifr)
+	}
+	if err != nil {
+		f.Close()
+		return nil, errors.New("Error while creating ifreq structure: " + rustIOError(err))
+	}
+	return f, nil
+}
+
 func (s *Server) putVsockLocked(obj *Object) reply {
 	path, _ := mustString(obj, "uds_path")
-	ln, err := bindVsock(path)
+	ln, err := bindVsock(s.hostPath(path))
 	if err != nil {
 		return fault("Vsock config error: Cannot create backend for vsock device: Error binding to the host-side Unix socket: " + rustIOError(err)) // approximate
 	}
@@ -698,10 +740,10 @@ func (s *Server) createSnapshotLocked(obj *Object) reply {
 	state, _ := mustString(obj, "snapshot_path")
 	mem, _ := mustString(obj, "mem_file_path")
 	b, _ := json.Marshal(snapshotFile{Fcfake: s.spec.Version, Machine: s.machine, Drives: s.drives, Nets: s.nets, Vsock: s.vsock})
-	if err := os.WriteFile(state, b, 0o600); err != nil {
+	if err := os.WriteFile(s.hostPath(state), b, 0o600); err != nil {
 		return fault("Create snapshot error: Cannot write the microVM state: " + rustIOError(err)) // approximate
 	}
-	f, err := os.OpenFile(mem, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	f, err := os.OpenFile(s.hostPath(mem), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 	if err == nil {
 		err = f.Truncate(int64(asInt(s.machine["mem_size_mib"])) << 20) // sparse
 		f.Close()
@@ -730,7 +772,7 @@ func (s *Server) loadSnapshotLocked(obj *Object) reply {
 		memPath, _ = mustString(bo, "backend_path")
 	}
 	statePath, _ := mustString(obj, "snapshot_path")
-	raw, err := os.ReadFile(statePath)
+	raw, err := os.ReadFile(s.hostPath(statePath))
 	if err != nil {
 		return s.fatalLocked("Load snapshot error: Failed to restore from snapshot: Cannot open snapshot file: " + rustIOError(err)) // approximate
 	}
@@ -738,7 +780,7 @@ func (s *Server) loadSnapshotLocked(obj *Object) reply {
 	if err := json.Unmarshal(raw, &snap); err != nil || snap.Fcfake == "" {
 		return s.fatalLocked("Load snapshot error: Failed to restore from snapshot: Cannot deserialize the microVM state: CRC64 validation failed.") // approximate
 	}
-	if err := openRead(memPath); err != nil {
+	if err := openRead(s.hostPath(memPath)); err != nil {
 		return s.fatalLocked("Load snapshot error: Failed to restore from snapshot: Cannot open the memory file: " + rustIOError(err)) // approximate
 	}
 	if ov, ok := obj.Get("network_overrides"); ok {
@@ -759,7 +801,7 @@ func (s *Server) loadSnapshotLocked(obj *Object) reply {
 			path, _ = mustString(vo.(*Object), "uds_path")
 			snap.Vsock["uds_path"] = path
 		}
-		ln, err := bindVsock(path)
+		ln, err := bindVsock(s.hostPath(path))
 		if err != nil {
 			return s.fatalLocked("Load snapshot error: Failed to restore from snapshot: Cannot restore the vsock device: " + rustIOError(err)) // approximate
 		}
@@ -826,6 +868,15 @@ func rustIOError(err error) string {
 		return strings.ToUpper(msg[:1]) + msg[1:] + fmt.Sprintf(" (os error %d)", int(errno))
 	}
 	return err.Error()
+}
+
+// hostPath is where a path from a request lies: itself, or under
+// Options.Root resolved as a chroot would (".." stops at the root).
+func (s *Server) hostPath(p string) string {
+	if s.opts.Root == "" {
+		return p
+	}
+	return filepath.Join(s.opts.Root, filepath.Clean("/"+p))
 }
 
 func openRead(path string) error {

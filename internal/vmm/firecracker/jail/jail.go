@@ -1,4 +1,13 @@
-package firecracker
+// Package jail plans a jailed Firecracker launch (docs/jailer.md): the
+// jailer command line, where the jail lands on the host, and which files
+// go into it. Everything here is pure: it checks its input and computes
+// paths, and touches nothing. banger-helper creates the jail, runs the
+// argv and removes the jail and its cgroup afterwards (the jailer cleans up
+// nothing); the firecracker driver uses JailLayout.Jailed to send
+// jail-relative paths through the API socket.
+//
+// It imports no HTTP code: the root helper links it.
+package jail
 
 import (
 	"errors"
@@ -9,13 +18,6 @@ import (
 
 	"github.com/bangerhq/banger/internal/vmm"
 )
-
-// This file plans a jailed Firecracker launch (docs/jailer.md) for the root
-// helper: the jailer command line, where the jail will be, and which files
-// must be hard-linked into it. Everything here is pure: it checks its input
-// and computes paths, and touches nothing. The helper creates the links,
-// runs the argv, and removes InstanceDir and the cgroup afterwards (the
-// jailer cleans up nothing).
 
 // DefaultChrootBase is the jailer's default --chroot-base-dir.
 const DefaultChrootBase = "/srv/jailer"
@@ -30,6 +32,20 @@ const (
 	JailVsock     = "/v.sock"
 	jailDiskPref  = "/drive_" // + disk id
 )
+
+// Names banger-helper gives, in JailLayout.InstanceDir (outside the chroot,
+// writable by root only), to hard links the owner's daemon uses: the API
+// socket (Root+JailAPISocket, whose /run the owner cannot enter) and
+// Firecracker's log (Root+JailLog). The log keeps the driver's file name,
+// so that Attach finds it next to the socket as for an unjailed VM.
+const (
+	HostSocketName = "api.sock"
+	HostLogName    = "firecracker.log"
+)
+
+// MaxSocketPath is the longest unix socket path: sun_path holds 108 bytes
+// with the trailing NUL.
+const MaxSocketPath = 107
 
 // JailSpec is one jailed launch. Host paths must be absolute, clean and
 // canonical: the jailer canonicalizes --exec-file and --chroot-base-dir, so
@@ -63,8 +79,13 @@ type JailSpec struct {
 	NewPIDNS bool
 }
 
-// CgroupLimits are the cgroup v2 limits the jailer writes (--cgroup
-// FILE=VALUE). Zero values are not written.
+// The jailer refuses an exec file whose name lacks this (env.rs,
+// validate_exec_file).
+const execNameMust = "firecracker"
+
+// CgroupLimits are cgroup v2 limits: the jailer writes them (--cgroup
+// FILE=VALUE), or banger-helper writes them itself into a cgroup it
+// creates before the launch (Files). Zero values are not written.
 type CgroupLimits struct {
 	MemoryMax int64  // memory.max, bytes
 	CPUQuota  int    // cpu.max quota in µs per CPUPeriod µs
@@ -80,15 +101,19 @@ type JailLayout struct {
 	InstanceDir string
 	Root        string
 	// Exec is the copy of the binary the jailer makes. PIDFile
-	// (<Root>/<exec file name>.pid) holds Firecracker's host pid when
-	// NewPIDNS is set (the jailer's env.rs writes it only then; without it
-	// the jailer execs Firecracker in place and its pid is the jailer's).
+	// (<Root>/<exec file name>.pid) holds Firecracker's host pid. With
+	// NewPIDNS the jailer's parent writes it after the clone; without it the
+	// jailer execs Firecracker in place, so the pid is the jailer's (and
+	// older jailers write no file at all).
 	Exec    string
 	PIDFile string
 	// APISocket is the host path of the API socket (Root + JailAPISocket).
 	APISocket string
-	// CgroupDir is the cgroup the jailer creates, relative to the cgroup v2
-	// mount ("" when it creates none: v2 without --cgroup).
+	// CgroupDir is Firecracker's cgroup, relative to the cgroup v2 mount:
+	// <parent>/<id> when the jailer creates one (some --cgroup is given);
+	// ParentCgroup itself when no limit is given, since the jailer then
+	// moves into that cgroup if it exists (banger-helper creates it first
+	// and writes the limits itself); "" otherwise.
 	CgroupDir string
 }
 
@@ -111,14 +136,17 @@ func (s JailSpec) Validate() error {
 		}
 	}
 	if s.ExecFile != "" {
-		if err := checkPathComponent(filepath.Base(s.ExecFile)); err != nil {
+		name := filepath.Base(s.ExecFile)
+		if err := checkPathComponent(name); err != nil {
 			errs = append(errs, fmt.Errorf("exec file name: %w", err))
+		} else if !strings.Contains(name, execNameMust) {
+			errs = append(errs, fmt.Errorf("exec file name %q: the jailer runs only a binary whose name contains %q", name, execNameMust))
 		}
 	}
 	if s.chrootBase() == "/" {
 		errs = append(errs, errors.New("chroot base: must not be /"))
 	}
-	if err := checkJailID(s.ID); err != nil {
+	if err := ValidateID(s.ID); err != nil {
 		errs = append(errs, err)
 	}
 	// uid/gid 0 would run Firecracker as root inside the jail: the jail
@@ -139,7 +167,7 @@ func (s JailSpec) Validate() error {
 			errs = append(errs, fmt.Errorf("parent cgroup: %w", err))
 		}
 	}
-	if err := s.Cgroup.validate(); err != nil {
+	if err := s.Cgroup.Validate(); err != nil {
 		errs = append(errs, err)
 	}
 	if s.NoFile < 0 || s.FileSize < 0 {
@@ -148,9 +176,9 @@ func (s JailSpec) Validate() error {
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("jail spec: %w", err)
 	}
-	if l := len(s.layout().APISocket); l > maxSock {
+	if l := len(s.layout().APISocket); l > MaxSocketPath {
 		return fmt.Errorf("jail spec: api socket %s is %d bytes, longer than a unix socket path may be (%d; hint: a shorter chroot base or id)",
-			s.layout().APISocket, l, maxSock)
+			s.layout().APISocket, l, MaxSocketPath)
 	}
 	return nil
 }
@@ -217,16 +245,24 @@ func (s JailSpec) layout() JailLayout {
 		APISocket:   filepath.Join(root, JailAPISocket),
 	}
 	// v2 creates a cgroup only when some --cgroup is given; it is named
-	// <parent>/<id>, the parent defaulting to the exec file name.
-	if len(s.Cgroup.args()) > 0 {
+	// <parent>/<id>, the parent defaulting to the exec file name. Without
+	// one, the jailer moves into an existing --parent-cgroup.
+	switch {
+	case len(s.Cgroup.args()) > 0:
 		parent := s.ParentCgroup
 		if parent == "" {
 			parent = name
 		}
 		l.CgroupDir = filepath.Join(parent, s.ID)
+	case s.ParentCgroup != "":
+		l.CgroupDir = s.ParentCgroup
 	}
 	return l
 }
+
+// DiskPath is where Jailed puts the disk with this id, as the jailed
+// Firecracker sees it.
+func DiskPath(id string) string { return jailDiskPref + id }
 
 // Jailed rewrites a vmm.Config for a jailed Firecracker: kernel, initrd,
 // disks and vsock move to fixed names inside the jail, and links says which
@@ -258,11 +294,13 @@ func (l JailLayout) Jailed(cfg vmm.Config) (vmm.Config, []HardLink, error) {
 	}
 	out.Disks = make([]vmm.Disk, len(cfg.Disks))
 	for i, d := range cfg.Disks {
-		if err := ValidID(d.ID); err != nil {
-			return vmm.Config{}, nil, fmt.Errorf("jailed config: disk %d: %w", i, err)
+		// The id becomes a file name in the jail; Firecracker's own rule
+		// for drive ids (letters, digits, '_') is checked by the driver.
+		if err := checkPathComponent(d.ID); err != nil {
+			return vmm.Config{}, nil, fmt.Errorf("jailed config: disk %d id: %w", i, err)
 		}
 		out.Disks[i] = d
-		if out.Disks[i].Path, err = link(d.Path, jailDiskPref+d.ID); err != nil {
+		if out.Disks[i].Path, err = link(d.Path, DiskPath(d.ID)); err != nil {
 			return vmm.Config{}, nil, fmt.Errorf("jailed config: disk %q: %w", d.ID, err)
 		}
 	}
@@ -274,7 +312,8 @@ func (l JailLayout) Jailed(cfg vmm.Config) (vmm.Config, []HardLink, error) {
 	return out, links, nil
 }
 
-func (c CgroupLimits) validate() error {
+// Validate checks the limits; the error names each bad one.
+func (c CgroupLimits) Validate() error {
 	var errs []error
 	if c.MemoryMax < 0 || c.CPUQuota < 0 || c.CPUPeriod < 0 || c.PidsMax < 0 {
 		errs = append(errs, errors.New("cgroup limits: must not be negative"))
@@ -294,25 +333,48 @@ func (c CgroupLimits) validate() error {
 	return errors.Join(errs...)
 }
 
-// args renders the limits as the jailer's FILE=VALUE arguments, in a fixed
-// order.
-func (c CgroupLimits) args() []string {
-	var a []string
+// CgroupFile is one cgroup interface file and the value written to it.
+type CgroupFile struct {
+	Name  string // "memory.max"
+	Value string // "1073741824"
+}
+
+// Controller is the controller the file belongs to: "memory" for
+// "memory.max". It must be enabled in the parent's cgroup.subtree_control
+// for the file to exist.
+func (f CgroupFile) Controller() string {
+	c, _, _ := strings.Cut(f.Name, ".")
+	return c
+}
+
+// Files returns the limits as cgroup files and values, in a fixed order.
+// They are valid only for limits that pass Validate.
+func (c CgroupLimits) Files() []CgroupFile {
+	var fs []CgroupFile
 	if c.MemoryMax > 0 {
-		a = append(a, "memory.max="+strconv.FormatInt(c.MemoryMax, 10))
+		fs = append(fs, CgroupFile{"memory.max", strconv.FormatInt(c.MemoryMax, 10)})
 	}
 	if c.CPUQuota > 0 {
 		period := c.CPUPeriod
 		if period == 0 {
 			period = 100000
 		}
-		a = append(a, fmt.Sprintf("cpu.max=%d %d", c.CPUQuota, period))
+		fs = append(fs, CgroupFile{"cpu.max", fmt.Sprintf("%d %d", c.CPUQuota, period)})
 	}
 	if c.PidsMax > 0 {
-		a = append(a, "pids.max="+strconv.Itoa(c.PidsMax))
+		fs = append(fs, CgroupFile{"pids.max", strconv.Itoa(c.PidsMax)})
 	}
 	if c.CPUs != "" {
-		a = append(a, "cpuset.cpus="+c.CPUs)
+		fs = append(fs, CgroupFile{"cpuset.cpus", c.CPUs})
+	}
+	return fs
+}
+
+// args renders the limits as the jailer's FILE=VALUE arguments.
+func (c CgroupLimits) args() []string {
+	var a []string
+	for _, f := range c.Files() {
+		a = append(a, f.Name+"="+f.Value)
 	}
 	return a
 }
@@ -338,9 +400,9 @@ func validCPUList(s string) bool {
 	return true
 }
 
-// checkJailID is the jailer's validate_instance_id: letters, digits and
-// '-', 1 to 64 characters (ASCII only here).
-func checkJailID(id string) error {
+// ValidateID is the jailer's and Firecracker's validate_instance_id:
+// letters, digits and '-', 1 to 64 characters (ASCII only here).
+func ValidateID(id string) error {
 	if id == "" || len(id) > 64 {
 		return fmt.Errorf("id %q: must be 1 to 64 characters", id)
 	}

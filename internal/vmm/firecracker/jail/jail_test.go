@@ -1,4 +1,4 @@
-package firecracker
+package jail
 
 import (
 	"encoding/json"
@@ -41,6 +41,19 @@ func TestJailerGolden(t *testing.T) {
 	daemon.Daemonize = true
 	daemon.Cgroup = CgroupLimits{MemoryMax: 512 << 20}
 
+	// What banger-helper runs: it creates the cgroup and writes the limits
+	// itself, so the jailer only moves into --parent-cgroup.
+	helper := JailSpec{
+		Jailer:       "/usr/libexec/banger/jailer",
+		ExecFile:     "/usr/libexec/banger/firecracker",
+		ID:           "0f3a9c12ab",
+		UID:          3000000007,
+		GID:          3000000007,
+		ChrootBase:   "/var/lib/banger-jail",
+		ParentCgroup: "banger-jail/0f3a9c12ab",
+		NewPIDNS:     true,
+	}
+
 	for _, tc := range []struct {
 		name string
 		spec JailSpec
@@ -48,6 +61,7 @@ func TestJailerGolden(t *testing.T) {
 		{"minimal", baseJail()},
 		{"full", full},
 		{"daemonize", daemon},
+		{"helper", helper},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			argv, layout, err := tc.spec.JailerArgv()
@@ -74,7 +88,7 @@ func TestJailerGolden(t *testing.T) {
 				t.Fatal(err)
 			}
 			got = append(got, '\n')
-			golden := filepath.Join("testdata", "jailer", tc.name+".golden.json")
+			golden := filepath.Join("testdata", tc.name+".golden.json")
 			if *update {
 				if err := os.MkdirAll(filepath.Dir(golden), 0o755); err != nil {
 					t.Fatal(err)
@@ -123,6 +137,8 @@ func TestJailerRejects(t *testing.T) {
 		{"chroot base / jails nothing", func(s *JailSpec) { s.ChrootBase = "/" }, "must not be /"},
 		{"trailing slash changes nothing but breaks equality", func(s *JailSpec) { s.ChrootBase = "/srv/jailer/" }, "must be clean"},
 		{"relative jailer binary", func(s *JailSpec) { s.Jailer = "./jailer" }, "must be absolute"},
+		{"exec file the jailer refuses to run (name lacks firecracker)", func(s *JailSpec) { s.ExecFile = "/usr/bin/sh" }, `whose name contains "firecracker"`},
+		{"exec file name with a space", func(s *JailSpec) { s.ExecFile = "/usr/bin/fire cracker" }, "space or control character"},
 		{"netns outside an absolute path", func(s *JailSpec) { s.NetNS = "netns/x" }, "must be absolute"},
 		{"../ in parent cgroup escapes the hierarchy", func(s *JailSpec) { s.ParentCgroup = "../system.slice" }, `path component ".."`},
 		{"absolute parent cgroup", func(s *JailSpec) { s.ParentCgroup = "/system.slice" }, "must be relative and clean"},
@@ -166,5 +182,36 @@ func TestJailedRejects(t *testing.T) {
 	}
 	if _, _, err := (JailLayout{}).Jailed(vmm.Config{Kernel: "/k"}); err == nil {
 		t.Error("empty layout accepted")
+	}
+}
+
+// The limits render as cgroup files in a fixed order, each naming its
+// controller, and as the jailer's FILE=VALUE arguments from the same list.
+func TestCgroupFiles(t *testing.T) {
+	l := CgroupLimits{MemoryMax: 1 << 30, CPUQuota: 150000, PidsMax: 64, CPUs: "0-1"}
+	if err := l.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	want := []CgroupFile{
+		{"memory.max", "1073741824"},
+		{"cpu.max", "150000 100000"},
+		{"pids.max", "64"},
+		{"cpuset.cpus", "0-1"},
+	}
+	if diff := cmp.Diff(want, l.Files()); diff != "" {
+		t.Errorf("Files (-want +got):\n%s", diff)
+	}
+	var controllers []string
+	for _, f := range l.Files() {
+		controllers = append(controllers, f.Controller())
+	}
+	if diff := cmp.Diff([]string{"memory", "cpu", "pids", "cpuset"}, controllers); diff != "" {
+		t.Errorf("controllers (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]string{"memory.max=1073741824", "cpu.max=150000 100000", "pids.max=64", "cpuset.cpus=0-1"}, l.args()); diff != "" {
+		t.Errorf("args (-want +got):\n%s", diff)
+	}
+	if got := (CgroupLimits{}).Files(); got != nil {
+		t.Errorf("zero limits render %v", got)
 	}
 }
