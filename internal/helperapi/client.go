@@ -94,6 +94,18 @@ func (c *Client) RemoveSnapshot(ctx context.Context, op RemoveSnapshot) error {
 	return c.call(ctx, op, nil)
 }
 
+// LaunchJailed starts a VM's Firecracker under the jailer.
+func (c *Client) LaunchJailed(ctx context.Context, op LaunchJailed) (LaunchJailedResult, error) {
+	var res LaunchJailedResult
+	err := c.call(ctx, op, &res)
+	return res, err
+}
+
+// KillJailed kills a VM's jailed Firecracker and removes its jail.
+func (c *Client) KillJailed(ctx context.Context, op KillJailed) error {
+	return c.call(ctx, op, nil)
+}
+
 // ListOwned lists banger's kernel objects.
 func (c *Client) ListOwned(ctx context.Context) (ListOwnedResult, error) {
 	var res ListOwnedResult

@@ -166,3 +166,40 @@ func TestClientReadsAnswerToUnreadRequest(t *testing.T) {
 		}
 	}
 }
+
+// LaunchJailed sends the whole request, disks included, and returns the
+// helper's result; KillJailed reports the helper's error code.
+func TestClientJailOps(t *testing.T) {
+	want := LaunchJailedResult{
+		PID: 4242, StartTime: 123456, Socket: "/var/lib/banger-jail/firecracker/0123456789/api.sock",
+		Log: "/var/lib/banger-jail/firecracker/0123456789/firecracker.log", ConsoleLog: "/var/lib/banger/vms/0123456789/console.log",
+		Root: "/var/lib/banger-jail/firecracker/0123456789/root", UID: 900000, GID: 900000,
+		Cgroup: "banger-jail/0123456789", Limits: []string{"memory.max=671088640"},
+	}
+	var got Op
+	sock := fakeHelper(t, func(op Op, conn *net.UnixConn) {
+		switch op.(type) {
+		case LaunchJailed:
+			got = op
+			_ = WriteResponse(conn, want, nil, nil)
+		default:
+			_ = WriteResponse(conn, nil, nil, Errorf(CodeForbidden, "jail dir is not root's"))
+		}
+	})
+	c := &Client{Socket: sock}
+	req := LaunchJailed{VMID: goodID, CPUs: 2, MemoryMiB: 512, Kernel: "vmlinux",
+		Disks: []JailDisk{{ID: "root", File: "root.img"}, {ID: "data", File: "data.img", ReadOnly: true}}, Tap: true}
+	res, err := c.LaunchJailed(t.Context(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(want, res); diff != "" {
+		t.Errorf("result (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(Op(req), got); diff != "" {
+		t.Errorf("request seen by the helper (-want +got):\n%s", diff)
+	}
+	if err := c.KillJailed(t.Context(), KillJailed{VMID: goodID}); !errors.Is(err, ErrForbidden) {
+		t.Errorf("KillJailed: %v, want ErrForbidden", err)
+	}
+}

@@ -8,7 +8,9 @@
 // a strict basename pattern that the helper resolves itself under
 // <state dir>/vms/<vm id>/. No operation takes a command, a free-form path or
 // a free-form firewall rule, so a compromised daemon can only do what the
-// daemon could legitimately ask for.
+// daemon could legitimately ask for. LaunchJailed, the one that starts a
+// process, names none either: the binaries, the jail's place, its uid and
+// its limits are the helper's choice, from its own configuration.
 //
 // # Wire format
 //
@@ -19,8 +21,8 @@
 //     then shuts down its write side (shutdown(2) SHUT_WR) to mark the end.
 //  2. The helper checks the peer's SO_PEERCRED before reading anything,
 //     decodes the request strictly (DecodeRequest: unknown, duplicate or
-//     mis-cased keys, trailing data and oversize requests are all refused),
-//     validates it, runs it and writes one JSON response:
+//     mis-cased keys at any depth, trailing data and oversize requests are
+//     all refused), validates it, runs it and writes one JSON response:
 //     {"ok": true, "result": {...}, "fds": N} or
 //     {"ok": false, "error": {"code": "...", "message": "..."}}.
 //  3. When "fds" is non-zero the response's first bytes carry that many file

@@ -23,6 +23,8 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add([]byte(`{"op":"attach_loop","args":{"vm_id":"0123456789","file":"../x"}}`))
 	f.Add([]byte(`{"op":"create_tap","args":{"name":"bgr-0123456789","bridge":"banger0","owner_uid":0}}`))
 	f.Add([]byte(`{"op":"list_owned"} {}`))
+	f.Add([]byte(`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":[{"id":"root","file":"root.img","id":"x"}]}}`))
+	f.Add([]byte(`{"op":"kill_jailed","args":{"vm_id":"0123456789"}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		op, err := DecodeRequest(data)
 		if err != nil {

@@ -34,6 +34,13 @@ const (
 	// MinDNSPort is the lowest port EnsureDNSRedirect may redirect to: the
 	// daemon runs unprivileged, so its DNS server listens on a high port.
 	MinDNSPort = 1024
+	// MaxJailCPUs is Firecracker's vCPU limit.
+	MaxJailCPUs = 32
+	// MaxJailMemoryMiB bounds a jailed VM's memory (1 TiB), far below
+	// where the cgroup limit derived from it would overflow.
+	MaxJailMemoryMiB = 1 << 20
+	// MaxJailDisks bounds the disks of a jailed VM.
+	MaxJailDisks = 8
 )
 
 var (
@@ -44,6 +51,10 @@ var (
 	// neither "." nor ".." nor a hidden file can be named.
 	fileRe = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,63}$`)
 	loopRe = regexp.MustCompile(`^/dev/loop(0|[1-9][0-9]{0,5})$`)
+	// diskIDRe is a subset of Firecracker's drive ids (letters, digits,
+	// '_') that is also a plain file name: the disk is /drive_<id> in the
+	// jail.
+	diskIDRe = regexp.MustCompile(`^[a-z0-9_]{1,32}$`)
 )
 
 // NewVMID returns a fresh random VM id. Callers still rely on a UNIQUE
@@ -87,6 +98,15 @@ func ValidateBridgeName(name string) error {
 func ValidateFileName(name string) error {
 	if !fileRe.MatchString(name) {
 		return fmt.Errorf("file name %q: want a basename of [a-z0-9._-], 1-64 characters, not starting with '.'", name)
+	}
+	return nil
+}
+
+// ValidateDiskID accepts a jailed VM's drive id: 1-32 lower-case letters,
+// digits and '_'.
+func ValidateDiskID(id string) error {
+	if !diskIDRe.MatchString(id) {
+		return fmt.Errorf("disk id %q: want 1-32 of [a-z0-9_]", id)
 	}
 	return nil
 }

@@ -29,6 +29,8 @@ const (
 	OpDetachLoop        = "detach_loop"
 	OpCreateSnapshot    = "create_snapshot"
 	OpRemoveSnapshot    = "remove_snapshot"
+	OpLaunchJailed      = "launch_jailed"
+	OpKillJailed        = "kill_jailed"
 	OpListOwned         = "list_owned"
 )
 
@@ -124,6 +126,46 @@ type RemoveSnapshot struct {
 	VMID string `json:"vm_id"`
 }
 
+// LaunchJailed starts Firecracker for VM VMID under the jailer, running as
+// a uid and gid of its own, chrooted, in a new pid namespace and in a
+// cgroup of its own with limits derived from CPUs and MemoryMiB, and
+// returns once its API socket is bound and only the owner may connect to
+// it. The helper decides every path: the binaries are the ones it was
+// configured with, the jail lies under its jail dir, and the files are
+// <state dir>/vms/<VMID>/<name>: Kernel and Initrd are copied into the
+// jail, each disk is hard-linked there (the VM's own file: its writes land
+// in it). Firecracker is started but not configured: the daemon boots it
+// through the socket. It fails with ErrExists while a jail for VMID
+// exists; KillJailed removes it.
+type LaunchJailed struct {
+	VMID      string     `json:"vm_id"`
+	CPUs      int        `json:"cpus"`       // the guest's vCPUs, 1 to MaxJailCPUs
+	MemoryMiB int        `json:"memory_mib"` // the guest's memory, 1 to MaxJailMemoryMiB
+	Kernel    string     `json:"kernel"`     // a basename inside the VM's directory
+	Initrd    string     `json:"initrd"`     // likewise, or "" for none
+	Disks     []JailDisk `json:"disks"`      // at most MaxJailDisks
+	// Tap gives the jailed Firecracker the VM's tap, TapName(VMID), made
+	// by CreateTap: the tap's owner becomes the jail's uid until
+	// KillJailed gives it back to the owner.
+	Tap bool `json:"tap"`
+}
+
+// JailDisk is one disk of a LaunchJailed VM.
+type JailDisk struct {
+	// ID is the drive id the daemon will configure; the disk is at
+	// "/drive_<ID>" in the jail.
+	ID       string `json:"id"`
+	File     string `json:"file"` // a basename inside the VM's directory
+	ReadOnly bool   `json:"read_only"`
+}
+
+// KillJailed kills VM VMID's jailed Firecracker and everything else in
+// its cgroup, gives the disks and the tap back to the owner, and removes
+// the jail and the cgroup. A VM without a jail is not an error.
+type KillJailed struct {
+	VMID string `json:"vm_id"`
+}
+
 // ListOwned reports every kernel object the helper would recognise as
 // banger's, for the daemon's reconciliation.
 type ListOwned struct{}
@@ -139,6 +181,8 @@ func (AttachLoop) OpName() string        { return OpAttachLoop }
 func (DetachLoop) OpName() string        { return OpDetachLoop }
 func (CreateSnapshot) OpName() string    { return OpCreateSnapshot }
 func (RemoveSnapshot) OpName() string    { return OpRemoveSnapshot }
+func (LaunchJailed) OpName() string      { return OpLaunchJailed }
+func (KillJailed) OpName() string        { return OpKillJailed }
 func (ListOwned) OpName() string         { return OpListOwned }
 
 func (EnsureBridge) isOp()      {}
@@ -152,6 +196,8 @@ func (AttachLoop) isOp()        {}
 func (DetachLoop) isOp()        {}
 func (CreateSnapshot) isOp()    {}
 func (RemoveSnapshot) isOp()    {}
+func (LaunchJailed) isOp()      {}
+func (KillJailed) isOp()        {}
 func (ListOwned) isOp()         {}
 
 // invalid wraps a validation failure with the operation's name and the
@@ -208,6 +254,50 @@ func (o CreateSnapshot) Validate() error {
 
 func (o RemoveSnapshot) Validate() error { return invalid(o, ValidateVMID(o.VMID)) }
 
+func (o LaunchJailed) Validate() error {
+	errs := []error{ValidateVMID(o.VMID)}
+	if o.CPUs < 1 || o.CPUs > MaxJailCPUs {
+		errs = append(errs, fmt.Errorf("cpus %d: want 1-%d", o.CPUs, MaxJailCPUs))
+	}
+	if o.MemoryMiB < 1 || o.MemoryMiB > MaxJailMemoryMiB {
+		errs = append(errs, fmt.Errorf("memory %d MiB: want 1-%d", o.MemoryMiB, MaxJailMemoryMiB))
+	}
+	// Each file goes into the jail once: a name given twice would be
+	// linked, re-owned and restored twice.
+	used := make(map[string]string)
+	use := func(what, name string) {
+		if err := ValidateFileName(name); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", what, err))
+			return
+		}
+		if other, ok := used[name]; ok {
+			errs = append(errs, fmt.Errorf("%s: file %q is already the %s", what, name, other))
+			return
+		}
+		used[name] = what
+	}
+	use("kernel", o.Kernel)
+	if o.Initrd != "" {
+		use("initrd", o.Initrd)
+	}
+	if len(o.Disks) > MaxJailDisks {
+		errs = append(errs, fmt.Errorf("%d disks: at most %d", len(o.Disks), MaxJailDisks))
+	}
+	ids := make(map[string]bool)
+	for i, d := range o.Disks {
+		if err := ValidateDiskID(d.ID); err != nil {
+			errs = append(errs, fmt.Errorf("disk %d: %w", i, err))
+		} else if ids[d.ID] {
+			errs = append(errs, fmt.Errorf("disk %d: id %q given twice", i, d.ID))
+		}
+		ids[d.ID] = true
+		use(fmt.Sprintf("disk %q", d.ID), d.File)
+	}
+	return invalid(o, errors.Join(errs...))
+}
+
+func (o KillJailed) Validate() error { return invalid(o, ValidateVMID(o.VMID)) }
+
 func (o ListOwned) Validate() error { return nil }
 
 // DMName is the device-mapper name of a VM's snapshot.
@@ -239,6 +329,35 @@ type CreateSnapshotResult struct {
 	Sectors uint64 `json:"sectors"` // size in 512-byte sectors (the origin's)
 }
 
+// LaunchJailedResult is what the daemon needs to boot and later re-attach
+// to a jailed Firecracker.
+type LaunchJailedResult struct {
+	// PID and StartTime identify the Firecracker process (host pid and
+	// /proc/<pid>/stat starttime) across daemon restarts.
+	PID       int    `json:"pid"`
+	StartTime uint64 `json:"start_time"`
+	// Socket is the API socket, connectable by the owner and nobody else.
+	Socket string `json:"socket"`
+	// Log is Firecracker's log, readable by the owner; Firecracker writes
+	// it as /firecracker.log in the jail (the driver's logger path).
+	Log string `json:"log"`
+	// ConsoleLog is the serial console, written into the VM's directory by
+	// a logger that runs as the owner.
+	ConsoleLog string `json:"console_log"`
+	// Root is the jail's root on the host. The owner may enter it, and
+	// gets read-write access to what Firecracker creates there later (the
+	// vsock socket at Root/v.sock, snapshots).
+	Root string `json:"root"`
+	// UID and GID are what Firecracker runs as.
+	UID uint32 `json:"uid"`
+	GID uint32 `json:"gid"`
+	// Cgroup is the VM's cgroup, relative to the cgroup v2 mount; Limits
+	// are the limits written there ("memory.max=…"), only those whose
+	// controller the host's cgroup v2 offers.
+	Cgroup string   `json:"cgroup"`
+	Limits []string `json:"limits"`
+}
+
 // ListOwnedResult is what ListOwned found.
 type ListOwnedResult struct {
 	Bridges []string    `json:"bridges"` // bridges named banger<N>
@@ -248,6 +367,22 @@ type ListOwnedResult struct {
 	// Snapshots are device-mapper devices named banger-<vm id>; empty when
 	// the host has no device-mapper.
 	Snapshots []OwnedSnapshot `json:"snapshots"`
+	// Jails are the jails LaunchJailed made and KillJailed has not removed
+	// yet, whole or in part; empty when the helper runs no jails.
+	Jails []OwnedJail `json:"jails"`
+}
+
+// OwnedJail is a VM's jail, or what is left of it.
+type OwnedJail struct {
+	VMID   string `json:"vm_id"`
+	Dir    string `json:"dir"`    // the jail's instance dir; "" when gone
+	Cgroup string `json:"cgroup"` // its cgroup, relative to the cgroup v2 mount; "" when gone
+	UID    uint32 `json:"uid"`    // 0 when the record is gone
+	// PID and StartTime are Firecracker's; Running says whether that
+	// process still exists.
+	PID       int    `json:"pid"`
+	StartTime uint64 `json:"start_time"`
+	Running   bool   `json:"running"`
 }
 
 // OwnedLoop is a loop device backed by a file under <state dir>/vms/.

@@ -2,6 +2,7 @@ package helperapi
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -98,6 +99,55 @@ func TestValidate(t *testing.T) {
 		// RemoveSnapshot
 		{"remove snapshot: ours", RemoveSnapshot{VMID: goodID}, true},
 		{"remove snapshot: a dm table injection", RemoveSnapshot{VMID: goodID + " 0 1 linear"}, false},
+		// LaunchJailed
+		{"jail: ours", goodLaunch(), true},
+		{"jail: no initrd, no disks, no tap", LaunchJailed{VMID: goodID, CPUs: 1, MemoryMiB: 128, Kernel: "vmlinux"}, true},
+		{"jail: the largest VM", func() LaunchJailed { o := goodLaunch(); o.CPUs, o.MemoryMiB = MaxJailCPUs, MaxJailMemoryMiB; return o }(), true},
+		{"jail: vm id with ../ picks another VM's directory", func() LaunchJailed { o := goodLaunch(); o.VMID = "../0123456"; return o }(), false},
+		{"jail: upper-case vm id names a second jail for the same VM", func() LaunchJailed { o := goodLaunch(); o.VMID = "ABCDEF0123"; return o }(), false},
+		{"jail: ../ in the kernel escapes the VM's directory", func() LaunchJailed { o := goodLaunch(); o.Kernel = "../../../boot/vmlinuz"; return o }(), false},
+		{"jail: absolute kernel path", func() LaunchJailed { o := goodLaunch(); o.Kernel = "/boot/vmlinuz"; return o }(), false},
+		{"jail: empty kernel", func() LaunchJailed { o := goodLaunch(); o.Kernel = ""; return o }(), false},
+		{"jail: hidden initrd", func() LaunchJailed { o := goodLaunch(); o.Initrd = ".initrd"; return o }(), false},
+		{"jail: absolute disk path links /etc/shadow into the jail", func() LaunchJailed { o := goodLaunch(); o.Disks[0].File = "/etc/shadow"; return o }(), false},
+		{"jail: ../ in a disk file", func() LaunchJailed { o := goodLaunch(); o.Disks[0].File = "../other/root.img"; return o }(), false},
+		{"jail: ../ in a disk id escapes the jail root (/drive_../x)", func() LaunchJailed { o := goodLaunch(); o.Disks[0].ID = "../x"; return o }(), false},
+		{"jail: slash in a disk id", func() LaunchJailed { o := goodLaunch(); o.Disks[0].ID = "a/b"; return o }(), false},
+		{"jail: newline in a disk id", func() LaunchJailed { o := goodLaunch(); o.Disks[0].ID = "root\n"; return o }(), false},
+		{"jail: empty disk id", func() LaunchJailed { o := goodLaunch(); o.Disks[0].ID = ""; return o }(), false},
+		{"jail: overlong disk id", func() LaunchJailed { o := goodLaunch(); o.Disks[0].ID = strings.Repeat("d", 33); return o }(), false},
+		{"jail: one disk id twice collides in the jail", func() LaunchJailed {
+			o := goodLaunch()
+			o.Disks = append(o.Disks, JailDisk{ID: "root", File: "data.img"})
+			return o
+		}(), false},
+		{"jail: one file as two disks is re-owned and restored twice", func() LaunchJailed {
+			o := goodLaunch()
+			o.Disks = append(o.Disks, JailDisk{ID: "data", File: o.Disks[0].File})
+			return o
+		}(), false},
+		{"jail: the kernel as a writable disk", func() LaunchJailed {
+			o := goodLaunch()
+			o.Disks = append(o.Disks, JailDisk{ID: "data", File: o.Kernel})
+			return o
+		}(), false},
+		{"jail: too many disks", func() LaunchJailed {
+			o := goodLaunch()
+			for i := range MaxJailDisks {
+				o.Disks = append(o.Disks, JailDisk{ID: fmt.Sprintf("d%d", i), File: fmt.Sprintf("d%d.img", i)})
+			}
+			return o
+		}(), false},
+		{"jail: zero cpus", func() LaunchJailed { o := goodLaunch(); o.CPUs = 0; return o }(), false},
+		{"jail: negative cpus", func() LaunchJailed { o := goodLaunch(); o.CPUs = -1; return o }(), false},
+		{"jail: more cpus than firecracker takes", func() LaunchJailed { o := goodLaunch(); o.CPUs = MaxJailCPUs + 1; return o }(), false},
+		{"jail: zero memory", func() LaunchJailed { o := goodLaunch(); o.MemoryMiB = 0; return o }(), false},
+		{"jail: memory that overflows the cgroup limit", func() LaunchJailed { o := goodLaunch(); o.MemoryMiB = 1 << 50; return o }(), false},
+		// KillJailed
+		{"kill jail: ours", KillJailed{VMID: goodID}, true},
+		{"kill jail: a glob kills every jail", KillJailed{VMID: "*"}, false},
+		{"kill jail: ../ reaches outside the jail dir", KillJailed{VMID: "../../etc"}, false},
+		{"kill jail: empty", KillJailed{}, false},
 		{"list owned", ListOwned{}, true},
 	}
 	for _, tt := range tests {
@@ -118,6 +168,15 @@ func TestValidate(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func goodLaunch() LaunchJailed {
+	return LaunchJailed{
+		VMID: goodID, CPUs: 2, MemoryMiB: 512,
+		Kernel: "vmlinux", Initrd: "initrd.img",
+		Disks: []JailDisk{{ID: "root", File: "root.img"}},
+		Tap:   true,
 	}
 }
 

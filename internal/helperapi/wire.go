@@ -98,6 +98,8 @@ var registry = map[string]decoder{
 	OpDetachLoop:        decodeOp[DetachLoop],
 	OpCreateSnapshot:    decodeOp[CreateSnapshot],
 	OpRemoveSnapshot:    decodeOp[RemoveSnapshot],
+	OpLaunchJailed:      decodeOp[LaunchJailed],
+	OpKillJailed:        decodeOp[KillJailed],
 	OpListOwned:         decodeOp[ListOwned],
 }
 
@@ -162,27 +164,60 @@ func decodeOp[T Op](args []byte) (Op, error) {
 	return v, nil
 }
 
-// strictUnmarshal decodes one JSON object into v (a pointer to a struct of
-// scalar fields), refusing keys that are unknown, duplicated or spelled in
-// another case (encoding/json would accept all three), and trailing data.
+// strictUnmarshal decodes one JSON object into v (a pointer to a struct
+// whose fields are scalars, slices of scalars, or structs and slices of
+// structs made the same way), refusing keys that are unknown, duplicated
+// or spelled in another case at any depth (encoding/json would accept all
+// three), and trailing data.
 func strictUnmarshal(data []byte, v any) error {
-	if err := checkKeys(data, jsonFields(reflect.TypeOf(v).Elem())); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if err := checkStrict(dec, reflect.TypeOf(v).Elem(), true); err != nil {
 		return err
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
+	if _, err := dec.Token(); err != io.EOF {
+		return errors.New("trailing data after the JSON object")
+	}
+	dec = json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	return dec.Decode(v)
 }
 
-func checkKeys(data []byte, allowed map[string]bool) error {
-	dec := json.NewDecoder(bytes.NewReader(data))
+var rawMessageType = reflect.TypeFor[json.RawMessage]()
+
+// checkStrict reads one JSON value that is to be decoded into type t.
+// An object for a struct must use each field's exact name at most once;
+// arrays for slices of structs are checked element by element; anything
+// else is left to the decoder. Only the top-level value must be present:
+// a nested struct or slice may be null.
+func checkStrict(dec *json.Decoder, t reflect.Type, top bool) error {
+	isStructs := t.Kind() == reflect.Slice && t != rawMessageType && t.Elem().Kind() == reflect.Struct
+	if t.Kind() != reflect.Struct && !isStructs {
+		var skip json.RawMessage
+		return dec.Decode(&skip)
+	}
 	tok, err := dec.Token()
 	if err != nil {
+		return err
+	}
+	if tok == nil && !top {
+		return nil
+	}
+	if isStructs {
+		if d, ok := tok.(json.Delim); !ok || d != '[' {
+			return errors.New("not a JSON array")
+		}
+		for dec.More() {
+			if err := checkStrict(dec, t.Elem(), false); err != nil {
+				return err
+			}
+		}
+		_, err := dec.Token() // the closing ']'
 		return err
 	}
 	if d, ok := tok.(json.Delim); !ok || d != '{' {
 		return errors.New("not a JSON object")
 	}
+	fields := jsonFields(t)
 	seen := make(map[string]bool)
 	for dec.More() {
 		tok, err := dec.Token()
@@ -190,35 +225,31 @@ func checkKeys(data []byte, allowed map[string]bool) error {
 			return err
 		}
 		key, _ := tok.(string) // object keys are always strings
+		ft, ok := fields[key]
 		switch {
-		case !allowed[key]:
+		case !ok:
 			return fmt.Errorf("unknown field %q", key)
 		case seen[key]:
 			return fmt.Errorf("duplicate field %q", key)
 		}
 		seen[key] = true
-		var skip json.RawMessage
-		if err := dec.Decode(&skip); err != nil {
-			return err
+		if err := checkStrict(dec, ft, false); err != nil {
+			return fmt.Errorf("%s: %w", key, err)
 		}
 	}
-	if _, err := dec.Token(); err != nil { // the closing '}'
-		return err
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return errors.New("trailing data after the JSON object")
-	}
-	return nil
+	_, err = dec.Token() // the closing '}'
+	return err
 }
 
-var fieldCache sync.Map // reflect.Type → map[string]bool
+var fieldCache sync.Map // reflect.Type → map[string]reflect.Type
 
-// jsonFields returns the exact JSON keys of a struct type's fields.
-func jsonFields(t reflect.Type) map[string]bool {
+// jsonFields returns the exact JSON keys of a struct type's fields, and
+// each field's type.
+func jsonFields(t reflect.Type) map[string]reflect.Type {
 	if m, ok := fieldCache.Load(t); ok {
-		return m.(map[string]bool)
+		return m.(map[string]reflect.Type)
 	}
-	m := make(map[string]bool)
+	m := make(map[string]reflect.Type)
 	for i := range t.NumField() {
 		f := t.Field(i)
 		if !f.IsExported() {
@@ -232,7 +263,7 @@ func jsonFields(t reflect.Type) map[string]bool {
 				name = n
 			}
 		}
-		m[name] = true
+		m[name] = f.Type
 	}
 	fieldCache.Store(t, m)
 	return m

@@ -22,6 +22,9 @@ var everyOp = []Op{
 	DetachLoop{Device: "/dev/loop3"},
 	CreateSnapshot{VMID: goodID, Origin: "origin.ext4", COW: "cow.img"},
 	RemoveSnapshot{VMID: goodID},
+	LaunchJailed{VMID: goodID, CPUs: 2, MemoryMiB: 512, Kernel: "vmlinux", Initrd: "initrd.img",
+		Disks: []JailDisk{{ID: "root", File: "root.img"}, {ID: "data_1", File: "data.img", ReadOnly: true}}, Tap: true},
+	KillJailed{VMID: goodID},
 	ListOwned{},
 }
 
@@ -77,6 +80,18 @@ func TestDecodeRequestRefuses(t *testing.T) {
 		{"missing args for an op that needs them", `{"op":"delete_tap"}`, CodeInvalid},
 		{"empty input", ``, CodeInvalid},
 		{"truncated", `{"op":"delete_tap","args":{"name":"bgr-01`, CodeInvalid},
+		{"duplicate key inside a disk: the first file passes review, the last is linked",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":[{"id":"root","file":"root.img","file":"../x"}]}}`, CodeInvalid},
+		{"key in another case inside a disk",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":[{"ID":"root","file":"root.img"}]}}`, CodeInvalid},
+		{"unknown field inside a disk: a free-form host path",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":[{"id":"root","file":"root.img","path":"/etc/shadow"}]}}`, CodeInvalid},
+		{"disks not an array",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":{"id":"root","file":"root.img"}}}`, CodeInvalid},
+		{"a disk that is not an object",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":["root.img"]}}`, CodeInvalid},
+		{"fractional cpus",
+			`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1.5,"memory_mib":64,"kernel":"vmlinux"}}`, CodeInvalid},
 		{"oversize request", `{"op":"list_owned","args":{},"pad":"` + strings.Repeat("x", MaxRequestSize) + `"}`, CodeInvalid},
 	}
 	for _, tt := range tests {
@@ -90,6 +105,19 @@ func TestDecodeRequestRefuses(t *testing.T) {
 				t.Fatalf("DecodeRequest error %v, want code %s", err, tt.code)
 			}
 		})
+	}
+}
+
+// A nested array of objects may be null or empty, as encoding/json
+// itself sends a nil slice.
+func TestDecodeRequestNullDisks(t *testing.T) {
+	for _, in := range []string{
+		`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":null}}`,
+		`{"op":"launch_jailed","args":{"vm_id":"0123456789","cpus":1,"memory_mib":64,"kernel":"vmlinux","disks":[]}}`,
+	} {
+		if _, err := DecodeRequest([]byte(in)); err != nil {
+			t.Errorf("DecodeRequest(%s): %v", in, err)
+		}
 	}
 }
 
