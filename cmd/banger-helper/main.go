@@ -1,6 +1,7 @@
 // Command banger-helper is banger's narrow root helper: it creates the
-// bridge, taps, nftables rules, loop devices and dm-snapshots that bangerd,
-// running as its owner, asks for over a unix socket.
+// bridge, taps, nftables rules, loop devices and dm-snapshots, and runs
+// Firecracker under its jailer, as bangerd, running as its owner, asks
+// over a unix socket.
 package main
 
 import (

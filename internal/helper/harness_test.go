@@ -110,6 +110,13 @@ func inNS(t *testing.T, ns string, f func() error) {
 
 func startHelper(t *testing.T) *harness {
 	t.Helper()
+	return startHelperWith(t, nil)
+}
+
+// startHelperWith is startHelper with the configuration changed by
+// configure before the server starts.
+func startHelperWith(t *testing.T, configure func(*Config)) *harness {
+	t.Helper()
 	testutil.RequireRoot(t)
 	testutil.RequireCommand(t, "ip", "nft")
 	h := &harness{t: t, ns: newNetNS(t), stateDir: t.TempDir(), logs: &syncBuffer{}}
@@ -127,14 +134,18 @@ func startHelper(t *testing.T) *harness {
 		t.Fatal(err)
 	}
 	h.socket = filepath.Join(sockDir, "helper.sock")
-	srv, err := New(Config{
+	cfg := Config{
 		OwnerUID: testOwner,
 		StateDir: h.stateDir,
 		Socket:   h.socket,
 		Bridge:   "banger0",
 		NetNS:    h.nsPath,
 		Logger:   slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
-	})
+	}
+	if configure != nil {
+		configure(&cfg)
+	}
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

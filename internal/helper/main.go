@@ -18,8 +18,15 @@ import (
 // Main is banger-helper's entry point; it returns the exit code.
 //
 //	banger-helper --owner-uid N --state-dir DIR [--socket PATH] [--bridge banger0] [--log-format text|json]
+//	              [--firecracker PATH --jailer PATH --jail-uid-base N [--jail-uid-count N] [--jail-dir DIR] [--jail-cgroup NAME]]
 //	banger-helper --version
+//
+// The helper also runs, as the owner, the console logger of each jailed
+// VM; its environment selects that mode (consoleLoggerMain).
 func Main(args []string) int {
+	if consoleLoggerMain() {
+		return 0
+	}
 	if len(args) == 1 && args[0] == "--version" {
 		fmt.Println(version.Get().Line("banger-helper"))
 		return 0
@@ -57,18 +64,29 @@ func parseFlags(args []string, stderr io.Writer) (Config, string, error) {
 	fs := flag.NewFlagSet("banger-helper", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
-		cfg       Config
-		ownerUID  uint64
-		logFormat string
+		cfg                   Config
+		ownerUID              uint64
+		jailUIDBase, jailUIDs uint64
+		logFormat             string
 	)
 	fs.Uint64Var(&ownerUID, "owner-uid", 0, "uid of the user whose bangerd may use the helper (required, not 0)")
 	fs.StringVar(&cfg.StateDir, "state-dir", "", "banger's state dir; only files under DIR/vms/<vm id>/ are ever opened (required)")
 	fs.StringVar(&cfg.Socket, "socket", paths.System().HelperSocket(), "unix socket to listen on")
 	fs.StringVar(&cfg.Bridge, "bridge", "banger0", "the bridge the helper manages")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&cfg.Firecracker, "firecracker", "", "the firecracker binary jailed VMs run (absolute; root-owned, writable by root alone, as every directory above it); with --jailer, turns jailed launches on")
+	fs.StringVar(&cfg.Jailer, "jailer", "", "the jailer binary (same requirements as --firecracker)")
+	fs.StringVar(&cfg.JailDir, "jail-dir", "", "the jailer's chroot base: root-only, on the state dir's file system (default <state-dir>-jail)")
+	fs.Uint64Var(&jailUIDBase, "jail-uid-base", 0, "first uid (and gid) of the range jailed firecrackers run as, one per VM (required for jailed launches)")
+	fs.Uint64Var(&jailUIDs, "jail-uid-count", 0, "size of the jail uid range (default 1024)")
+	fs.StringVar(&cfg.JailCgroup, "jail-cgroup", "", "cgroup v2 parent, relative to the mount, of the jails' cgroups (default banger-jail)")
 	if err := fs.Parse(args); err != nil {
 		return Config{}, "", err
 	}
+	if jailUIDBase >= 1<<32 || jailUIDs >= 1<<32 {
+		return Config{}, "", errors.New("--jail-uid-base and --jail-uid-count must fit in 32 bits")
+	}
+	cfg.JailUIDBase, cfg.JailUIDCount = uint32(jailUIDBase), uint32(jailUIDs)
 	switch {
 	case fs.NArg() > 0:
 		return Config{}, "", fmt.Errorf("unexpected arguments %q", fs.Args())

@@ -133,7 +133,7 @@ func TestNetworkOps(t *testing.T) {
 		t.Fatal(err)
 	}
 	if diff := cmp.Diff(helperapi.ListOwnedResult{Bridges: []string{"banger0"}, Taps: []string{testTap}, NFTable: true,
-		Loops: []helperapi.OwnedLoop{}, Snapshots: []helperapi.OwnedSnapshot{}}, owned); diff != "" {
+		Loops: []helperapi.OwnedLoop{}, Snapshots: []helperapi.OwnedSnapshot{}, Jails: []helperapi.OwnedJail{}}, owned); diff != "" {
 		t.Errorf("ListOwned (-want +got):\n%s", diff)
 	}
 

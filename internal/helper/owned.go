@@ -1,6 +1,7 @@
 package helper
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"sort"
@@ -14,8 +15,8 @@ import (
 // listOwned reports every kernel object that carries banger's names, so
 // the daemon can match them against its records and remove orphans. It
 // never lists anything else, and removes nothing itself.
-func (s *Server) listOwned() (helperapi.ListOwnedResult, error) {
-	res := helperapi.ListOwnedResult{Bridges: []string{}, Taps: []string{}, Loops: []helperapi.OwnedLoop{}, Snapshots: []helperapi.OwnedSnapshot{}}
+func (s *Server) listOwned(ctx context.Context) (helperapi.ListOwnedResult, error) {
+	res := helperapi.ListOwnedResult{Bridges: []string{}, Taps: []string{}, Loops: []helperapi.OwnedLoop{}, Snapshots: []helperapi.OwnedSnapshot{}, Jails: []helperapi.OwnedJail{}}
 	err := s.inNetNS(func() error {
 		links, err := netlink.LinkList()
 		if err != nil {
@@ -42,8 +43,12 @@ func (s *Server) listOwned() (helperapi.ListOwnedResult, error) {
 	}
 	loops, lerr := s.ownedLoops()
 	snaps, serr := ownedSnapshots()
-	if err := errors.Join(lerr, serr); err != nil {
+	jails, jerr := s.ownedJails()
+	if err := errors.Join(lerr, serr, jerr, ctx.Err()); err != nil {
 		return res, err
+	}
+	if jails != nil {
+		res.Jails = jails
 	}
 	if loops != nil {
 		res.Loops = loops

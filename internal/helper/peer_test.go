@@ -14,17 +14,30 @@ import (
 	"testing"
 
 	"github.com/bangerhq/banger/internal/helperapi"
+	"github.com/bangerhq/banger/internal/vmm/firecracker/fcfake"
 )
 
 // clientEnv makes the test binary act as a helper client (see TestMain):
 // the peer tests run it under another uid.
 const clientEnv = "BANGER_HELPER_TEST_CLIENT_SOCKET"
 
+// The test binary is also, selected by its environment or name: a helper
+// client under another uid (clientEnv), a jailed VM's console logger (as
+// the helper binary is), the fake jailer (run under the name "jailer",
+// since the jailer's environment is cleared) and the owner's daemon
+// driving a jailed VM (envOwnerDriver).
 func TestMain(m *testing.M) {
 	if sock := os.Getenv(clientEnv); sock != "" {
 		os.Exit(clientChild(sock))
 	}
-	os.Exit(m.Run())
+	consoleLoggerMain()
+	fcfake.JailerMain()
+	ownerDriverMain()
+	code := m.Run()
+	if jailBins.dir != "" {
+		os.RemoveAll(jailBins.dir)
+	}
+	os.Exit(code)
 }
 
 // childResult is what the client child reports on stdout.

@@ -1,7 +1,7 @@
 // Package helper is banger-helper, the narrow root process that does the
 // few privileged things the owner's daemon cannot: the bridge and taps, the
 // nftables table "inet banger", loop devices and dm-snapshots over files in
-// the state dir.
+// the state dir, and Firecracker under its jailer.
 //
 // It serves the closed set of operations in package helperapi on a unix
 // socket. Every connection's SO_PEERCRED is checked (root or the configured
@@ -58,6 +58,43 @@ type Config struct {
 	NetNS string
 	// Logger receives one line per operation; nil discards.
 	Logger *slog.Logger
+
+	// Firecracker and Jailer are the binaries LaunchJailed runs: absolute
+	// paths that, symlinks resolved, name root-owned executables that
+	// nobody but root can change, nor any directory above them (the
+	// jailer trusts its inputs: docs/jailer.md). Both empty turn jailed
+	// launches off.
+	Firecracker string
+	Jailer      string
+	// JailDir is the jailer's --chroot-base-dir. It must lie on the state
+	// dir's file system (disks are hard-linked into jails) and, with every
+	// directory above it, be writable by root alone, which rules out the
+	// state dir itself: the owner writes there and could swap a directory
+	// for a symlink under the jailer. "" means the state dir's sibling
+	// "<state dir>-jail"; the helper creates it (0711).
+	JailDir string
+	// JailUIDBase and JailUIDCount are the uids jailed Firecrackers run
+	// as: each jail takes the lowest uid of the range that no jail and no
+	// process uses, and the gid of the same number. The range must hold no
+	// user or group of /etc/passwd or /etc/group, and neither root, the
+	// owner nor 65534 (nobody). A zero count means 1024.
+	JailUIDBase  uint32
+	JailUIDCount uint32
+	// JailCgroup is the cgroup, relative to the cgroup v2 mount, under
+	// which each jail gets a cgroup named by its VM id; "" means
+	// "banger-jail".
+	JailCgroup string
+	// Executable is the helper's own binary, which each jail's console
+	// logger runs as the owner: the owner must be allowed to execute it.
+	// "" means os.Executable().
+	Executable string
+}
+
+// jailEnabled says whether jailed launches are configured: any jail
+// setting turns them on, and validateJail then wants all it needs.
+func (c Config) jailEnabled() bool {
+	return c.Firecracker != "" || c.Jailer != "" || c.JailDir != "" ||
+		c.JailUIDBase != 0 || c.JailUIDCount != 0 || c.JailCgroup != ""
 }
 
 func (c Config) validate() error {
@@ -74,6 +111,9 @@ func (c Config) validate() error {
 	if err := helperapi.ValidateBridgeName(c.Bridge); err != nil {
 		errs = append(errs, err)
 	}
+	if c.jailEnabled() {
+		errs = append(errs, c.validateJail())
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("helper config: %w", err)
 	}
@@ -83,12 +123,14 @@ func (c Config) validate() error {
 // Server serves helper operations.
 type Server struct {
 	cfg  Config
+	jail *jailConfig // nil when jailed launches are off
 	log  *slog.Logger
 	mu   sync.Mutex // held for each operation: the kernel objects banger manages change one operation at a time
 	sema chan struct{}
 }
 
-// New checks cfg and returns a server.
+// New checks cfg and returns a server. With jailed launches on it also
+// checks the binaries and the uid range against the host.
 func New(cfg Config) (*Server, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -97,7 +139,15 @@ func New(cfg Config) (*Server, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{cfg: cfg, log: log, sema: make(chan struct{}, maxConns)}, nil
+	s := &Server{cfg: cfg, log: log, sema: make(chan struct{}, maxConns)}
+	if cfg.jailEnabled() {
+		jc, err := newJailConfig(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("helper config: %w", err)
+		}
+		s.jail = jc
+	}
+	return s, nil
 }
 
 var umaskMu sync.Mutex // umask is process-wide; Listen changes it briefly
@@ -336,8 +386,13 @@ func (s *Server) do(ctx context.Context, op helperapi.Op) (result any, files []*
 		return r, one(f), err
 	case helperapi.RemoveSnapshot:
 		return nil, nil, s.removeSnapshot(op)
+	case helperapi.LaunchJailed:
+		r, err := s.launchJailed(ctx, op)
+		return r, nil, err
+	case helperapi.KillJailed:
+		return nil, nil, s.killJailed(ctx, op)
 	case helperapi.ListOwned:
-		r, err := s.listOwned()
+		r, err := s.listOwned(ctx)
 		return r, nil, err
 	}
 	return nil, nil, helperapi.Errorf(helperapi.CodeUnknownOp, "op %q is not served", op.OpName())
