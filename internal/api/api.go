@@ -189,3 +189,46 @@ type ImageImportRequest struct {
 	Kernel string `json:"kernel"`
 	Initrd string `json:"initrd,omitempty"`
 }
+
+// VMCreateRequest is the body of POST /v1/vms. The response is an NDJSON
+// stream of StreamMessage ending with the VM. Zero values take the
+// configured defaults.
+type VMCreateRequest struct {
+	Name        string `json:"name"`
+	Image       string `json:"image,omitempty"`
+	CPUs        int    `json:"cpus,omitempty"`
+	MemoryBytes int64  `json:"memory_bytes,omitempty"`
+	DiskBytes   int64  `json:"disk_bytes,omitempty"`
+	VMM         string `json:"vmm,omitempty"` // auto, qemu, firecracker
+	// NoStart creates the VM stopped.
+	NoStart bool `json:"no_start,omitempty"`
+	// NoWait returns once the VMM runs, without waiting for SSH.
+	NoWait bool `json:"no_wait,omitempty"`
+}
+
+// VMStartRequest is the body of POST /v1/vms/{name}/start (and restart).
+type VMStartRequest struct {
+	NoWait bool `json:"no_wait,omitempty"`
+}
+
+// VMStopRequest is the body of POST /v1/vms/{name}/stop.
+type VMStopRequest struct {
+	// Force kills the VMM instead of asking the guest to power off.
+	Force bool `json:"force,omitempty"`
+	// TimeoutSeconds bounds the graceful stop before the VMM is killed;
+	// 0 takes the configured stop_timeout.
+	TimeoutSeconds int `json:"timeout_seconds,omitempty"`
+}
+
+// SSHInfo says how to reach a VM over SSH with its pinned host key. It
+// answers GET /v1/vms/{name}/ssh.
+type SSHInfo struct {
+	Name         string `json:"name"`
+	User         string `json:"user"`
+	Host         string `json:"host"`
+	Port         int    `json:"port"`
+	IdentityFile string `json:"identity_file"`
+	// KnownHostsFile holds the VM's pinned keys under HostKeyAlias.
+	KnownHostsFile string `json:"known_hosts_file"`
+	HostKeyAlias   string `json:"host_key_alias"`
+}

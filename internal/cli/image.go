@@ -8,6 +8,12 @@ func (a *app) newImageCmd() *cobra.Command {
 		Aliases: []string{"images"},
 		Short:   "Build, import and manage images",
 	}
-	cmd.AddCommand(a.newImageListCmd())
+	cmd.AddCommand(
+		a.newImageBuildCmd(),
+		a.newImageImportCmd(),
+		a.newImageListCmd(),
+		a.newImageShowCmd(),
+		a.newImageDeleteCmd(),
+	)
 	return cmd
 }

@@ -8,6 +8,17 @@ func (a *app) newVMCmd() *cobra.Command {
 		Aliases: []string{"vms"},
 		Short:   "Create, run and manage VMs",
 	}
-	cmd.AddCommand(a.newVMListCmd())
+	cmd.AddCommand(
+		a.newVMCreateCmd(),
+		a.newVMListCmd(),
+		a.newVMShowCmd(),
+		a.newVMStartCmd(),
+		a.newVMStopCmd(),
+		a.newVMRestartCmd(),
+		a.newVMKillCmd(),
+		a.newVMDeleteCmd(),
+		a.newVMLogsCmd(),
+		a.newVMSSHCmd(),
+	)
 	return cmd
 }

@@ -21,12 +21,10 @@ import (
 	"github.com/bangerhq/banger/internal/api"
 	"github.com/bangerhq/banger/internal/config"
 	"github.com/bangerhq/banger/internal/events"
-	"github.com/bangerhq/banger/internal/image"
 	"github.com/bangerhq/banger/internal/paths"
 	"github.com/bangerhq/banger/internal/server"
 	"github.com/bangerhq/banger/internal/store"
 	"github.com/bangerhq/banger/internal/version"
-	"github.com/bangerhq/banger/internal/vm"
 	"github.com/bangerhq/banger/internal/vmm"
 )
 
@@ -186,11 +184,22 @@ func serve(ctx context.Context, layout paths.Layout, logFormat, logLevel string,
 
 	act := &activity{}
 	bus := &events.Bus{}
+	svc := newServices(st, layout, cfg, bus, log)
+	if rep, err := svc.images.Reconcile(ctx); err != nil {
+		log.Error("reconcile images", "err", err)
+	} else {
+		log.Debug("images reconciled", "report", rep)
+	}
+	if err := svc.vms.Reconcile(ctx); err != nil {
+		log.Error("reconcile vms", "err", err)
+	}
+	// VMs keep running after the daemon stops; it only lets go of them.
+	defer svc.vms.Close()
 	done := make(chan struct{})
 	shutdownReq := make(chan api.ShutdownRequest, 1)
 	srv := &server.Server{
-		VMs:      &vm.Service{Store: st, Log: log.With("service", "vm")},
-		Images:   &image.Service{Store: st, Log: log.With("service", "image")},
+		VMs:      svc.vms,
+		Images:   svc.images,
 		Events:   bus,
 		Info:     func() api.VersionInfo { return vinfo },
 		Activity: act,

@@ -1,6 +1,8 @@
 package server
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"net/http"
 
@@ -31,4 +33,11 @@ func (n *ndjson) send(v any) error {
 		return err
 	}
 	return n.rc.Flush()
+}
+
+// newOpID names one long operation in the event stream.
+func newOpID() string {
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }

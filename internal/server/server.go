@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"time"
@@ -16,15 +17,31 @@ import (
 	"github.com/bangerhq/banger/internal/store"
 )
 
+// Progress receives the events of a long operation.
+type Progress = func(api.Event)
+
 // VMService is what the handlers need of the VM lifecycle.
 type VMService interface {
 	// ListJSON is the VM list already encoded as a JSON array.
 	ListJSON(ctx context.Context) ([]byte, error)
+	Get(ctx context.Context, name string) (api.VM, error)
+	Create(ctx context.Context, req api.VMCreateRequest, progress Progress) (api.VM, error)
+	Start(ctx context.Context, name string, noWait bool, progress Progress) (api.VM, error)
+	Restart(ctx context.Context, name string, noWait bool, progress Progress) (api.VM, error)
+	Stop(ctx context.Context, name string, force bool, timeout time.Duration) (api.VM, error)
+	Kill(ctx context.Context, name string) (api.VM, error)
+	Delete(ctx context.Context, name string, force bool) error
+	SSH(ctx context.Context, name string) (api.SSHInfo, error)
+	FollowConsole(ctx context.Context, name string, tail int64, follow bool, w io.Writer, flush func()) error
 }
 
 // ImageService is what the handlers need of the image store.
 type ImageService interface {
 	List(ctx context.Context) ([]api.Image, error)
+	Get(ctx context.Context, name string) (api.Image, error)
+	Build(ctx context.Context, req api.ImageBuildRequest, progress Progress) (api.Image, error)
+	Import(ctx context.Context, req api.ImageImportRequest, progress Progress) (api.Image, error)
+	Delete(ctx context.Context, name string) error
 }
 
 // Tracker counts operations in flight so the daemon can stop once idle.
@@ -64,7 +81,21 @@ func (s *Server) Handler() http.Handler {
 	route("POST /v1/shutdown", s.shutdown, false)
 	route("GET /v1/events", s.events, false)
 	route("GET /v1/vms", s.listVMs, true)
+	route("POST /v1/vms", s.createVM, true)
+	route("GET /v1/vms/{name}", s.getVM, true)
+	route("DELETE /v1/vms/{name}", s.deleteVM, true)
+	route("POST /v1/vms/{name}/start", s.startVM, true)
+	route("POST /v1/vms/{name}/restart", s.restartVM, true)
+	route("POST /v1/vms/{name}/stop", s.stopVM, true)
+	route("POST /v1/vms/{name}/kill", s.killVM, true)
+	route("GET /v1/vms/{name}/ssh", s.sshVM, true)
+	// Following a console can last forever: not counted as in flight.
+	route("GET /v1/vms/{name}/console", s.consoleVM, false)
 	route("GET /v1/images", s.listImages, true)
+	route("POST /v1/images/build", s.buildImage, true)
+	route("POST /v1/images/import", s.importImage, true)
+	route("GET /v1/images/{name}", s.getImage, true)
+	route("DELETE /v1/images/{name}", s.deleteImage, true)
 	return s.authenticate(routeOr405(mux))
 }
 

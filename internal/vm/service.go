@@ -1,22 +1,75 @@
 // Package vm owns the VM lifecycle: validation, the state machine, create,
 // start, stop, delete, supervision and reconciliation after a restart.
+//
+// States (store.VM.State, api.VMState):
+//
+//	creating ─▶ starting ─▶ running ─▶ stopping ─▶ stopped
+//	    │           │          │                     │  ▲
+//	    └─(fail: rolled back)  └───────▶ error ◀─────┘  │
+//	                                       └─ start ────┘
+//	any stable state ─▶ deleting ─▶ (row gone)
+//
+// Transitions are compare-and-set in the store, so concurrent requests on
+// one VM cannot both win. Every host resource is recorded before it is
+// created (ledger.go), which is what Reconcile relies on after a crash.
 package vm
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 
 	"github.com/bangerhq/banger/internal/api"
+	"github.com/bangerhq/banger/internal/config"
+	"github.com/bangerhq/banger/internal/events"
+	"github.com/bangerhq/banger/internal/image"
+	"github.com/bangerhq/banger/internal/paths"
 	"github.com/bangerhq/banger/internal/store"
+	"github.com/bangerhq/banger/internal/vmm"
 )
 
-// Service is the VM lifecycle, backed by the store.
+// Images is what the VM service needs of the image store.
+type Images interface {
+	// Ensure returns the image, building the default one on first use.
+	Ensure(ctx context.Context, name string, progress func(api.Event)) (api.Image, error)
+	// BootFiles returns the absolute paths of an image's files.
+	BootFiles(ctx context.Context, name string) (BootFiles, error)
+}
+
+// BootFiles are an image's files on disk.
+type BootFiles struct {
+	Kernel  string // bzImage (QEMU)
+	Vmlinux string // ELF (Firecracker)
+	Initrd  string // may be empty
+	Rootfs  string // ext4
+}
+
+// ProgressFunc receives progress of a long operation.
+type ProgressFunc = func(api.Event)
+
+// Service is the VM lifecycle.
 type Service struct {
-	Store *store.Store
-	Log   *slog.Logger
+	Store   *store.Store
+	Layout  paths.Layout
+	Config  config.Config
+	Images  Images
+	Drivers map[vmm.Kind]vmm.Driver
+	// KVM reports whether KVM guests really run here (a cached probe).
+	KVM    func(ctx context.Context) vmm.ProbeResult
+	Limits Limits
+	Events *events.Bus
+	Log    *slog.Logger
+	// Snapshots, when set, lets disks be dm-snapshots through the helper.
+	Snapshots image.SnapshotBackend
+
+	mu       sync.Mutex // guards locks, machines, tcgNoted
+	locks    map[string]*sync.Mutex
+	machines map[string]vmm.Machine
+	tcgNoted bool
+	wg       sync.WaitGroup // supervisors
 
 	listMu sync.Mutex // guards list
 	list   listCache
@@ -31,9 +84,51 @@ type listCache struct {
 	json []byte
 }
 
-// Runtime is the observed part of a VM kept in the vms.runtime column.
-type Runtime struct {
-	Network api.VMNetwork `json:"network"`
+// lock serialises operations on one VM; the returned func unlocks.
+func (s *Service) lock(id string) func() {
+	s.mu.Lock()
+	if s.locks == nil {
+		s.locks = map[string]*sync.Mutex{}
+	}
+	l, ok := s.locks[id]
+	if !ok {
+		l = &sync.Mutex{}
+		s.locks[id] = l
+	}
+	s.mu.Unlock()
+	l.Lock()
+	return l.Unlock
+}
+
+func (s *Service) machine(id string) vmm.Machine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.machines[id]
+}
+
+func (s *Service) setMachine(id string, m vmm.Machine) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.machines == nil {
+		s.machines = map[string]vmm.Machine{}
+	}
+	if m == nil {
+		delete(s.machines, id)
+	} else {
+		s.machines[id] = m
+	}
+}
+
+// Close detaches from running VMs without stopping them: they keep running
+// and the next daemon re-attaches.
+func (s *Service) Close() {
+	s.mu.Lock()
+	ms := s.machines
+	s.machines = nil
+	s.mu.Unlock()
+	for _, m := range ms {
+		m.Close()
+	}
 }
 
 // List returns every VM as the API shows it.
@@ -55,9 +150,17 @@ func (s *Service) cachedList(ctx context.Context) (listCache, error) {
 	if s.list.ok && s.list.gen == gen {
 		return s.list, nil
 	}
-	vms, err := s.load(ctx)
+	rows, err := s.Store.ListVMs(ctx)
 	if err != nil {
 		return listCache{}, err
+	}
+	vms := make([]api.VM, 0, len(rows))
+	for _, r := range rows {
+		v, err := toAPI(r)
+		if err != nil {
+			return listCache{}, err
+		}
+		vms = append(vms, v)
 	}
 	b, err := json.Marshal(vms)
 	if err != nil {
@@ -67,35 +170,79 @@ func (s *Service) cachedList(ctx context.Context) (listCache, error) {
 	return s.list, nil
 }
 
-func (s *Service) load(ctx context.Context) ([]api.VM, error) {
-	rows, err := s.Store.ListVMs(ctx)
+// Get returns one VM.
+func (s *Service) Get(ctx context.Context, name string) (api.VM, error) {
+	r, err := s.row(ctx, name)
 	if err != nil {
-		return nil, err
+		return api.VM{}, err
 	}
-	out := make([]api.VM, 0, len(rows))
-	for _, r := range rows {
-		v, err := toAPI(r)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, v)
+	return toAPI(r)
+}
+
+// row loads a VM by name, mapping "not found" to an API error with a hint.
+func (s *Service) row(ctx context.Context, name string) (store.VM, error) {
+	if err := ValidateName(name); err != nil {
+		return store.VM{}, err
 	}
-	return out, nil
+	r, err := s.Store.GetVM(ctx, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return store.VM{}, api.Errorf(api.CodeNotFound, "no VM named %q", name).WithHint("banger vm list shows your VMs")
+	}
+	return r, err
 }
 
 func toAPI(r store.VM) (api.VM, error) {
-	var rt Runtime
-	if len(r.Runtime) > 0 {
-		if err := json.Unmarshal(r.Runtime, &rt); err != nil {
-			return api.VM{}, fmt.Errorf("vm %s: decode runtime: %w", r.Name, err)
-		}
+	rt, err := decodeRuntime(r.Runtime)
+	if err != nil {
+		return api.VM{}, fmt.Errorf("vm %s: %w", r.Name, err)
 	}
 	rt.Network.Mode = r.NetMode
+	vmmName := r.VMM
+	if rt.VMM != "" {
+		vmmName = string(rt.VMM)
+		if rt.Accel == vmm.TCG {
+			vmmName += "/tcg"
+		}
+	}
 	return api.VM{
-		ID: r.ID, Name: r.Name, Image: r.ImageName, VMM: r.VMM,
+		ID: r.ID, Name: r.Name, Image: r.ImageName, VMM: vmmName,
 		CPUs: r.CPUs, MemoryBytes: r.MemoryBytes, DiskBytes: r.DiskBytes,
 		State: api.VMState(r.State), StateReason: r.StateReason,
 		Network:   rt.Network,
 		CreatedAt: r.CreatedAt, UpdatedAt: r.UpdatedAt,
 	}, nil
+}
+
+// setState records a transition and publishes it.
+func (s *Service) setState(ctx context.Context, r store.VM, state api.VMState, reason string, from ...api.VMState) error {
+	fs := make([]string, len(from))
+	for i, f := range from {
+		fs[i] = string(f)
+	}
+	if err := s.Store.SetVMState(ctx, r.ID, string(state), reason, fs...); err != nil {
+		if errors.Is(err, store.ErrStateConflict) {
+			cur, _ := s.Store.GetVMByID(ctx, r.ID)
+			return api.Errorf(api.CodeConflict, "vm %q is %s", r.Name, cur.State)
+		}
+		return err
+	}
+	s.publish(r.Name, "vm.state", string(state)+stateSuffix(reason))
+	return nil
+}
+
+func stateSuffix(reason string) string {
+	if reason == "" {
+		return ""
+	}
+	return ": " + reason
+}
+
+func (s *Service) publish(name, typ, msg string) {
+	if s.Events != nil {
+		s.Events.Publish(api.Event{Type: typ, Kind: "vm", Name: name, Message: msg})
+	}
+}
+
+func (s *Service) saveRuntime(ctx context.Context, id string, rt Runtime) error {
+	return s.Store.SetVMRuntime(ctx, id, encodeRuntime(rt))
 }
