@@ -131,6 +131,12 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	}
 	r.Success()
 	log.Info("vm created")
+	if s.OnReady != nil && !req.NoStart && !req.NoWait {
+		if err := s.OnReady(ctx, req.Name, progress); err != nil {
+			log.Warn("after-ready step failed", "err", err)
+			progress(api.Event{Type: "vm.notice", Name: req.Name, Message: "warning: " + err.Error()})
+		}
+	}
 	return s.Get(ctx, req.Name)
 }
 

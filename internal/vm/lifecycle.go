@@ -178,6 +178,9 @@ func (s *Service) destroyLocked(ctx context.Context, row store.VM) error {
 		return err
 	}
 	s.publish(row.Name, "vm.deleted", "")
+	if s.OnStopped != nil {
+		s.OnStopped(row.Name)
+	}
 	s.Log.Info("vm deleted", "vm", row.Name, "id", row.ID)
 	return nil
 }

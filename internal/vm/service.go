@@ -64,6 +64,12 @@ type Service struct {
 	Log    *slog.Logger
 	// Snapshots, when set, lets disks be dm-snapshots through the helper.
 	Snapshots image.SnapshotBackend
+	// OnReady, when set, runs after a VM created with waiting answered SSH
+	// (file sync). Its error is reported as a warning: the VM stays.
+	OnReady func(ctx context.Context, name string, progress ProgressFunc) error
+	// OnStopped, when set, runs after a VM's VMM exited or the VM was
+	// deleted (to drop pooled SSH connections).
+	OnStopped func(name string)
 
 	mu       sync.Mutex // guards locks, machines, tcgNoted
 	locks    map[string]*sync.Mutex

@@ -58,4 +58,7 @@ func (s *Service) handleExitLocked(ctx context.Context, row store.VM, m vmm.Mach
 		_ = s.setState(ctx, row, state, reason)
 	}
 	log.Info("vmm exited", "state", state, "reason", reason, "code", exit.Code)
+	if s.OnStopped != nil {
+		s.OnStopped(row.Name)
+	}
 }
