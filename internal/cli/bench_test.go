@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -37,9 +38,7 @@ func BenchmarkVMListProcess(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer func() {
-		syscallKill(v.PID)
-	}()
+	defer syscall.Kill(v.PID, syscall.SIGTERM)
 	median := func(f func()) time.Duration {
 		ds := make([]time.Duration, 0, b.N)
 		for range b.N {
@@ -76,8 +75,7 @@ func rssKiB(b *testing.B, pid int) int {
 	return 0
 }
 
-func syscallKill(pid int) {
-	if p, err := os.FindProcess(pid); err == nil {
-		p.Signal(os.Interrupt)
-	}
-}
+// syscallKill kills pid with SIGKILL, as a crash would.
+func syscallKill(pid int) error { return syscall.Kill(pid, syscall.SIGKILL) }
+
+func syscallKillPID(pid int) { _ = syscall.Kill(pid, syscall.SIGKILL) }

@@ -85,7 +85,7 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 		CPUs: req.CPUs, MemoryBytes: req.MemoryBytes, DiskBytes: req.DiskBytes,
 		NetMode: "user", State: string(api.VMCreating),
 	}
-	rt := Runtime{VMM: kind, Accel: accel}
+	rt := Runtime{VMM: kind, Accel: accel, Creating: true}
 	row.Runtime = encodeRuntime(rt)
 	if err := s.Store.InsertVM(ctx, row); err != nil {
 		if errors.Is(err, store.ErrExists) {
@@ -127,6 +127,9 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 			return api.VM{}, err
 		}
 	} else if err := s.bootLocked(ctx, row, rt, !req.NoWait, progress, api.VMCreating); err != nil {
+		return api.VM{}, err
+	}
+	if err := s.finishCreate(ctx, id); err != nil {
 		return api.VM{}, err
 	}
 	r.Success()
@@ -304,4 +307,19 @@ func makeSeed(ctx context.Context, path string, files []ext4.File) error {
 		return err
 	}
 	return nil
+}
+
+// finishCreate clears the creating flag: from here on a crash leaves a
+// whole VM, not one to roll back.
+func (s *Service) finishCreate(ctx context.Context, id string) error {
+	row, err := s.Store.GetVMByID(ctx, id)
+	if err != nil {
+		return err
+	}
+	rt, err := decodeRuntime(row.Runtime)
+	if err != nil {
+		return err
+	}
+	rt.Creating = false
+	return s.saveRuntime(ctx, id, rt)
 }

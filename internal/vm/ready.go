@@ -23,10 +23,16 @@ import (
 // accepts connections (banger-ready.service).
 const ReadyMarker = "BANGER-READY"
 
+// markerGrace is how long the console's ready marker is awaited before SSH
+// is also polled (for imported images that lack banger-ready.service). An
+// SSH attempt through QEMU's user networking blocks until the guest's sshd
+// answers, so polling early would only delay noticing the marker.
+const markerGrace = 90 * time.Second
+
 // waitReady waits until the guest answers SSH with its pinned host key. The
-// console's ready marker is the push signal; an SSH attempt every few
-// seconds covers images without the marker. It fails at once if the VMM
-// exits, and after ReadyTimeout.
+// console's ready marker is the push signal, followed by one handshake;
+// after markerGrace without it, SSH is also tried every few seconds. It
+// fails at once if the VMM exits, and after ReadyTimeout.
 func (s *Service) waitReady(ctx context.Context, row store.VM, rt Runtime, m vmm.Machine, console string, offset int64) error {
 	ctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
 	defer cancel()
@@ -40,7 +46,7 @@ func (s *Service) waitReady(ctx context.Context, row store.VM, rt Runtime, m vmm
 		return err
 	}
 	marked := false
-	nextTry := time.Now().Add(10 * time.Second)
+	nextTry := time.Now().Add(markerGrace)
 	for {
 		if !marked {
 			found, err := w.wait(ctx, ReadyMarker, time.Until(nextTry), m.Done())
@@ -50,7 +56,11 @@ func (s *Service) waitReady(ctx context.Context, row store.VM, rt Runtime, m vmm
 			marked = found
 		}
 		if marked || time.Now().After(nextTry) {
-			hctx, hcancel := context.WithTimeout(ctx, 10*time.Second)
+			timeout := 5 * time.Second
+			if marked {
+				timeout = 20 * time.Second
+			}
+			hctx, hcancel := context.WithTimeout(ctx, timeout)
 			c, err := guest.Dial(hctx, target)
 			hcancel()
 			if err == nil {

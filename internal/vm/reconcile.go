@@ -37,6 +37,10 @@ func (s *Service) reconcileOne(ctx context.Context, row store.VM) error {
 	unlock := s.lock(row.ID)
 	defer unlock()
 	log := s.Log.With("vm", row.Name, "id", row.ID, "state", row.State)
+	if rt, err := decodeRuntime(row.Runtime); err == nil && rt.Creating {
+		log.Info("rolling back a create the previous daemon did not finish")
+		return s.destroyLocked(ctx, row)
+	}
 	switch api.VMState(row.State) {
 	case api.VMCreating, api.VMDeleting:
 		log.Info("finishing an interrupted create or delete: removing the vm")

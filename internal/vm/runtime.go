@@ -29,6 +29,9 @@ type Runtime struct {
 	// HostKeys are the public halves of the VM's pinned SSH host keys.
 	HostKeys  []string   `json:"host_keys"`
 	StartedAt *time.Time `json:"started_at,omitempty"`
+	// Creating is set until Create returns successfully: a daemon that
+	// finds it set on start-up rolls the VM back, whatever its state.
+	Creating bool `json:"creating,omitempty"`
 }
 
 // Disk is a VM's root disk.
