@@ -82,6 +82,11 @@ type CloneOptions struct {
 	AllowQCOW2 bool
 	// QemuImg is the qemu-img binary; empty means "qemu-img" on PATH.
 	QemuImg string
+	// Size, when larger than the source, is the virtual size a qcow2
+	// overlay is created with, so that it needs no Grow afterwards (an
+	// overlay may be larger than its backing file: QEMU reads zeros past
+	// the backing file's end). Other strategies ignore it; grow them.
+	Size int64
 	// Logger receives the choice and the reasons for passing over a
 	// strategy; nil discards them.
 	Logger *slog.Logger
@@ -140,7 +145,7 @@ func ChooseCloner(ctx context.Context, src, dstDir string, opts CloneOptions) (C
 	} else if _, err := exec.LookPath(opts.qemuImg()); err != nil {
 		log.Debug("disk clone strategy unavailable", "strategy", CloneQCOW2, "reason", err)
 	} else {
-		return pick(qcow2Cloner{qemuImg: opts.qemuImg()})
+		return pick(qcow2Cloner{qemuImg: opts.qemuImg(), size: opts.Size})
 	}
 	return pick(sparseCopyCloner{})
 }
@@ -160,7 +165,7 @@ func NewCloner(strategy CloneStrategy, opts CloneOptions) (Cloner, error) {
 	case CloneReflink:
 		return reflinkCloner{}, nil
 	case CloneQCOW2:
-		return qcow2Cloner{qemuImg: opts.qemuImg()}, nil
+		return qcow2Cloner{qemuImg: opts.qemuImg(), size: opts.Size}, nil
 	case CloneSparseCopy:
 		return sparseCopyCloner{}, nil
 	}

@@ -19,6 +19,8 @@ type qcow2Cloner struct {
 	// qemuImg is the qemu-img that NewCloner and ChooseCloner pass in.
 	// Clone no longer runs it; tests verify overlays with qemu-img.
 	qemuImg string
+	// size is the overlay's virtual size when larger than the source.
+	size int64
 }
 
 func (qcow2Cloner) Strategy() CloneStrategy { return CloneQCOW2 }
@@ -31,7 +33,7 @@ func (c qcow2Cloner) Clone(ctx context.Context, src, dst string) error {
 	return nil
 }
 
-func (qcow2Cloner) clone(ctx context.Context, src, dst string) error {
+func (c qcow2Cloner) clone(ctx context.Context, src, dst string) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -60,7 +62,7 @@ func (qcow2Cloner) clone(ctx context.Context, src, dst string) error {
 	// QEMU sizes disks in 512-byte sectors and reads zeros past the end of a
 	// backing file, so a source that ends mid-sector gets the rest of that
 	// sector as zeros, as qemu-img create -b gave it.
-	size := (st.Size() + sectorSize - 1) / sectorSize * sectorSize
+	size := (max(st.Size(), c.size) + sectorSize - 1) / sectorSize * sectorSize
 	overlay, err := newQCOW2Overlay(backing, size)
 	if err != nil {
 		return err

@@ -29,17 +29,27 @@ const (
 // VM holding the same (kind, ref) gives ErrExists: that is how ports and
 // addresses are allocated without races.
 func (s *Store) AddResourceIntent(ctx context.Context, vmID, kind, ref string, data []byte) error {
-	if data == nil {
-		data = []byte("{}")
-	}
 	return s.Tx(ctx, func(tx *sql.Tx) error {
-		_, err := tx.ExecContext(ctx, `INSERT INTO vm_resources (vm_id, kind, ref, state, data, created_at) VALUES (?, ?, ?, 'intent', ?, ?)`,
-			vmID, kind, ref, string(data), formatTime(now()))
-		if isUniqueViolation(err) {
-			return fmt.Errorf("%s %s: %w", kind, ref, ErrExists)
-		}
-		return err
+		return addIntents(ctx, tx, vmID, []Resource{{Kind: kind, Ref: ref, Data: data}})
 	})
+}
+
+func addIntents(ctx context.Context, tx *sql.Tx, vmID string, rs []Resource) error {
+	for _, r := range rs {
+		data := r.Data
+		if data == nil {
+			data = []byte("{}")
+		}
+		_, err := tx.ExecContext(ctx, `INSERT INTO vm_resources (vm_id, kind, ref, state, data, created_at) VALUES (?, ?, ?, 'intent', ?, ?)`,
+			vmID, r.Kind, r.Ref, string(data), formatTime(now()))
+		if isUniqueViolation(err) {
+			return fmt.Errorf("%s %s: %w", r.Kind, r.Ref, ErrExists)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // MarkResourceCreated records that the resource now exists.

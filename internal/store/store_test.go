@@ -357,3 +357,37 @@ func TestInspectWhileOpen(t *testing.T) {
 		t.Fatalf("after a committed change: %+v, %v", st, err)
 	}
 }
+
+// ChangeVM is one atomic step: a refused intent (a port another VM holds)
+// leaves the state and runtime as they were.
+func TestChangeVMAtomic(t *testing.T) {
+	ctx := t.Context()
+	s := openTest(t)
+	im := seedImage(t, s, "default")
+	seedVM(t, s, "aaaaaaaaaa", "a", im.ID)
+	seedVM(t, s, "bbbbbbbbbb", "b", im.ID)
+	if err := s.ChangeVM(ctx, "aaaaaaaaaa", VMChange{From: []string{"creating"}, State: "starting",
+		Intents: []Resource{{Kind: "port", Ref: "tcp:127.0.0.1:2222"}}}); err != nil {
+		t.Fatal(err)
+	}
+	err := s.ChangeVM(ctx, "bbbbbbbbbb", VMChange{From: []string{"creating"}, State: "starting", Runtime: []byte(`{"x":1}`),
+		Intents: []Resource{{Kind: "rundir", Ref: "/run/b"}, {Kind: "port", Ref: "tcp:127.0.0.1:2222"}}})
+	if !errors.Is(err, ErrExists) {
+		t.Fatalf("second holder of a port: %v, want ErrExists", err)
+	}
+	b, _ := s.GetVM(ctx, "b")
+	rs, _ := s.ListResources(ctx, "bbbbbbbbbb")
+	if b.State != "creating" || string(b.Runtime) != "{}" || len(rs) != 0 {
+		t.Fatalf("refused change applied in part: state %s runtime %s resources %v", b.State, b.Runtime, rs)
+	}
+	if err := s.ChangeVM(ctx, "aaaaaaaaaa", VMChange{From: []string{"creating"}, State: "running"}); !errors.Is(err, ErrStateConflict) {
+		t.Fatalf("CAS from a wrong state: %v", err)
+	}
+	if err := s.ChangeVM(ctx, "aaaaaaaaaa", VMChange{From: []string{"starting"}, State: "running", MarkCreated: true}); err != nil {
+		t.Fatal(err)
+	}
+	rs, _ = s.ListResources(ctx, "aaaaaaaaaa")
+	if len(rs) != 1 || rs[0].State != ResourceCreated {
+		t.Fatalf("resources after MarkCreated: %+v", rs)
+	}
+}

@@ -50,8 +50,9 @@ func scanVM(sc interface{ Scan(...any) error }) (VM, error) {
 	return v, err
 }
 
-// InsertVM records a new VM. A duplicate name gives ErrExists.
-func (s *Store) InsertVM(ctx context.Context, v VM) error {
+// InsertVM records a new VM, and the intents of the resources it is about
+// to create, in one transaction. A duplicate name gives ErrExists.
+func (s *Store) InsertVM(ctx context.Context, v VM, intents ...Resource) error {
 	t := now()
 	if v.CreatedAt.IsZero() {
 		v.CreatedAt = t
@@ -67,7 +68,59 @@ func (s *Store) InsertVM(ctx context.Context, v VM) error {
 		if isUniqueViolation(err) {
 			return fmt.Errorf("vm %q: %w", v.Name, ErrExists)
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		return addIntents(ctx, tx, v.ID, intents)
+	})
+}
+
+// VMChange is one atomic update of a VM: a compare-and-set state change,
+// its runtime, and the intents of resources about to be created. Batching
+// them keeps a lifecycle step to one durable commit.
+type VMChange struct {
+	From    []string // the current state must be one of these (if any)
+	State   string   // new state; "" keeps it
+	Reason  string   // new state reason, with State
+	Runtime []byte   // new runtime JSON; nil keeps it
+	Intents []Resource
+	// MarkCreated marks every resource of the VM created.
+	MarkCreated bool
+}
+
+// ChangeVM applies c in one transaction.
+func (s *Store) ChangeVM(ctx context.Context, id string, c VMChange) error {
+	return s.Tx(ctx, func(tx *sql.Tx) error {
+		var cur string
+		if err := tx.QueryRowContext(ctx, `SELECT state FROM vms WHERE id = ?`, id).Scan(&cur); err != nil {
+			if errors.Is(err, sql.ErrNoRows) {
+				return fmt.Errorf("vm id %q: %w", id, ErrNotFound)
+			}
+			return err
+		}
+		if len(c.From) > 0 && !slices.Contains(c.From, cur) {
+			return fmt.Errorf("vm %s is %s, not %v: %w", id, cur, c.From, ErrStateConflict)
+		}
+		t := formatTime(now())
+		if c.State != "" {
+			if _, err := tx.ExecContext(ctx, `UPDATE vms SET state = ?, state_reason = ?, updated_at = ? WHERE id = ?`, c.State, c.Reason, t, id); err != nil {
+				return err
+			}
+		}
+		if c.Runtime != nil {
+			if _, err := tx.ExecContext(ctx, `UPDATE vms SET runtime = ?, updated_at = ? WHERE id = ?`, string(c.Runtime), t, id); err != nil {
+				return err
+			}
+		}
+		if err := addIntents(ctx, tx, id, c.Intents); err != nil {
+			return err
+		}
+		if c.MarkCreated {
+			if _, err := tx.ExecContext(ctx, `UPDATE vm_resources SET state = 'created' WHERE vm_id = ?`, id); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 

@@ -27,15 +27,40 @@ var ReadyTimeout = 5 * time.Minute
 
 func consoleLogPath(dir string) string { return filepath.Join(dir, "console.log") }
 
+// bootOptions tune bootLocked.
+type bootOptions struct {
+	// wait for the guest to answer SSH before returning.
+	wait bool
+	// finishCreate clears Runtime.Creating in the commit that records the
+	// running VMM (a create that does not wait ends there).
+	finishCreate bool
+}
+
 // bootLocked starts the VMM for a VM whose disk and identity exist, moving
 // it from one of from to starting and then running, and waits for SSH when
-// wait is set. On failure the VMM and the runtime resources are gone; the VM
-// goes to error unless it was being created (the caller rolls that back).
-func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, wait bool, progress ProgressFunc, from ...api.VMState) (err error) {
-	if err := s.setState(ctx, row, api.VMStarting, "", from...); err != nil {
+// asked. Each step is one commit: starting with the intents of the runtime
+// directory and forwarded port, then running with the process and runtime.
+// On failure the VMM and the runtime resources are gone; the VM goes to
+// error unless it was being created (the caller rolls that back).
+func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt bootOptions, progress ProgressFunc, from ...api.VMState) (err error) {
+	log := s.Log.With("vm", row.Name, "id", row.ID)
+	drv, ok := s.Drivers[rt.VMM]
+	if !ok {
+		return api.Errorf(api.CodeFailedPrecondition, "no %s driver on this host", rt.VMM)
+	}
+	files, err := s.Images.BootFiles(ctx, row.ImageName)
+	if err != nil {
 		return err
 	}
-	log := s.Log.With("vm", row.Name, "id", row.ID)
+	fromStates := make([]string, len(from))
+	for i, f := range from {
+		fromStates[i] = string(f)
+	}
+	runDir := s.Layout.VMRunDir(row.ID)
+	port, err := s.markStarting(ctx, row, rt, runDir, fromStates)
+	if err != nil {
+		return err
+	}
 	var m vmm.Machine
 	defer func() {
 		if err == nil {
@@ -51,73 +76,61 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, wait
 		if rerr := s.release(bg, row.ID, runtimeKinds...); rerr != nil {
 			log.Error("release after failed boot", "err", rerr)
 		}
-		rt.Handle, rt.StartedAt = nil, nil
-		rt.Network.SSHHost, rt.Network.SSHPort = "", 0
-		_ = s.saveRuntime(bg, row.ID, rt)
 		if len(from) == 1 && from[0] == api.VMCreating {
 			return // Create rolls the whole VM back
 		}
-		_ = s.setState(bg, row, api.VMError, shortReason(err))
+		rt.Handle, rt.StartedAt = nil, nil
+		rt.Network.SSHHost, rt.Network.SSHPort = "", 0
+		_ = s.changeVM(bg, row, store.VMChange{State: string(api.VMError), Reason: shortReason(err), Runtime: encodeRuntime(rt)})
 	}()
-
-	drv, ok := s.Drivers[rt.VMM]
-	if !ok {
-		return api.Errorf(api.CodeFailedPrecondition, "no %s driver on this host", rt.VMM)
-	}
-	files, err := s.Images.BootFiles(ctx, row.ImageName)
-	if err != nil {
+	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return err
 	}
-	runDir := s.Layout.VMRunDir(row.ID)
-	if err := s.acquire(ctx, row.ID, resRunDir, runDir, nil, func() error { return os.MkdirAll(runDir, 0o700) }); err != nil {
-		return err
-	}
-	vmDir := s.Layout.VMDir(row.ID)
-	console := consoleLogPath(vmDir)
+	console := consoleLogPath(s.Layout.VMDir(row.ID))
 	var offset int64
 	if st, err := os.Stat(console); err == nil {
 		offset = st.Size()
 	}
 
 	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "boot"}, Message: fmt.Sprintf("starting %s (%s)", rt.VMM, rt.Accel)})
-	// A port found free can be taken by someone else before the VMM binds
-	// it; then try another.
 	for attempt := 0; ; attempt++ {
-		port, err := s.allocPort(ctx, row.ID)
-		if err != nil {
-			return err
-		}
-		cfg := s.vmmConfig(row, rt, files, runDir, console, port)
 		crashpoint("start:spawn")
-		m, err = drv.Start(ctx, cfg, log)
+		m, err = drv.Start(ctx, s.vmmConfig(row, rt, files, runDir, console, port), log)
 		if err == nil {
-			rt.Network.SSHHost, rt.Network.SSHPort = "127.0.0.1", port
 			break
 		}
-		_ = s.release(context.WithoutCancel(ctx), row.ID, resPort)
+		// A port found free can be taken by another program before the
+		// VMM binds it; then move to another.
 		if attempt < 2 && strings.Contains(err.Error(), "hostfwd") {
 			log.Warn("forwarded port was taken; retrying", "port", port, "err", err)
+			if port, err = s.movePort(ctx, row.ID, port); err != nil {
+				return err
+			}
 			continue
 		}
 		return fmt.Errorf("start %s: %w", rt.VMM, err)
 	}
 	h := m.Handle()
-	if err := s.acquire(ctx, row.ID, resProcess, processRef(h), h, func() error { return nil }); err != nil {
-		return err
-	}
 	now := time.Now().UTC()
 	rt.Handle, rt.StartedAt = &h, &now
-	if err := s.saveRuntime(ctx, row.ID, rt); err != nil {
+	rt.Network.SSHHost, rt.Network.SSHPort = "127.0.0.1", port
+	if opt.finishCreate {
+		rt.Creating = false
+	}
+	// The process is recorded once it exists; until then the runtime
+	// directory's intent lets a restarted daemon find and kill it.
+	if err := s.changeVM(ctx, row, store.VMChange{
+		From: []string{string(api.VMStarting)}, State: string(api.VMRunning), Runtime: encodeRuntime(rt),
+		Intents:     []store.Resource{{Kind: resProcess, Ref: processRef(h), Data: mustJSON(h)}},
+		MarkCreated: true,
+	}); err != nil {
 		return err
 	}
 	crashpoint("start:spawned")
 	s.setMachine(row.ID, m)
 	s.supervise(row, m)
-	if err := s.setState(ctx, row, api.VMRunning, "", api.VMStarting); err != nil {
-		return err
-	}
-	log.Info("vmm started", "pid", h.PID, "ssh_port", rt.Network.SSHPort)
-	if !wait {
+	log.Info("vmm started", "pid", h.PID, "ssh_port", port)
+	if !opt.wait {
 		return nil
 	}
 	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "ssh"}, Message: "waiting for the guest to answer SSH"})
@@ -127,6 +140,58 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, wait
 	}
 	log.Info("guest ready", "after", time.Since(t0).Round(time.Millisecond))
 	return nil
+}
+
+// markStarting moves the VM to starting and records the intents of its
+// runtime directory and a free forwarded port, in one commit. The UNIQUE
+// constraint on resources keeps two VMs from taking the same port.
+func (s *Service) markStarting(ctx context.Context, row store.VM, rt Runtime, runDir string, from []string) (int, error) {
+	for range 20 {
+		port, err := freePort()
+		if err != nil {
+			return 0, err
+		}
+		err = s.changeVM(ctx, row, store.VMChange{
+			From: from, State: string(api.VMStarting), Runtime: encodeRuntime(rt),
+			Intents: []store.Resource{{Kind: resRunDir, Ref: runDir}, {Kind: resPort, Ref: portRef(port)}},
+		})
+		if errors.Is(err, store.ErrExists) {
+			continue // another VM holds that port
+		}
+		return port, err
+	}
+	return 0, errors.New("find a free port: every candidate was taken")
+}
+
+// movePort swaps the VM's recorded port for another free one.
+func (s *Service) movePort(ctx context.Context, vmID string, old int) (int, error) {
+	if err := s.Store.DeleteResource(ctx, vmID, resPort, portRef(old)); err != nil {
+		return 0, err
+	}
+	for range 20 {
+		port, err := freePort()
+		if err != nil {
+			return 0, err
+		}
+		err = s.Store.AddResourceIntent(ctx, vmID, resPort, portRef(port), nil)
+		if errors.Is(err, store.ErrExists) {
+			continue
+		}
+		return port, err
+	}
+	return 0, errors.New("find a free port: every candidate was taken")
+}
+
+func portRef(port int) string { return "tcp:127.0.0.1:" + strconv.Itoa(port) }
+
+// freePort asks the kernel for a free loopback TCP port.
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("find a free port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // vmmConfig describes the VM to its driver.
@@ -162,27 +227,6 @@ func (s *Service) vmmConfig(row store.VM, rt Runtime, files BootFiles, runDir, c
 		ConsoleLogMax: consoleLogMax,
 		Accel:         rt.Accel,
 	}
-}
-
-// allocPort finds a free loopback TCP port and records it for the VM; the
-// UNIQUE constraint on resources keeps two VMs from taking the same one.
-func (s *Service) allocPort(ctx context.Context, vmID string) (int, error) {
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, fmt.Errorf("find a free port: %w", err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		err = s.acquire(ctx, vmID, resPort, "tcp:127.0.0.1:"+strconv.Itoa(port), nil, func() error { return nil })
-		if err == nil {
-			return port, nil
-		}
-		if !errors.Is(err, store.ErrExists) {
-			return 0, err
-		}
-	}
-	return 0, errors.New("find a free port: every candidate was taken")
 }
 
 // shortReason keeps a state reason to one readable line.

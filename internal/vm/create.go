@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -86,8 +87,22 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 		NetMode: "user", State: string(api.VMCreating),
 	}
 	rt := Runtime{VMM: kind, Accel: accel, Creating: true}
+	cloner, err := s.planDisk(ctx, row, &rt, files)
+	if err != nil {
+		return api.VM{}, err
+	}
+	// The row and the intents of everything create makes go in one
+	// commit, before any of it exists.
+	intents := []store.Resource{
+		{Kind: resVMDir, Ref: s.Layout.VMDir(id)},
+		{Kind: resDisk, Ref: rt.Disk.Path, Data: mustJSON(diskData{Strategy: rt.Disk.Strategy})},
+		{Kind: resKnownHosts, Ref: alias(req.Name)},
+	}
+	if rt.Seed != "" {
+		intents = append(intents, store.Resource{Kind: resSeed, Ref: rt.Seed})
+	}
 	row.Runtime = encodeRuntime(rt)
-	if err := s.Store.InsertVM(ctx, row); err != nil {
+	if err := s.Store.InsertVM(ctx, row, intents...); err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return api.VM{}, api.Errorf(api.CodeAlreadyExists, "a VM named %q already exists", req.Name)
 		}
@@ -96,7 +111,8 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	unlock := s.lock(id)
 	defer unlock()
 	log := s.Log.With("vm", req.Name, "id", id)
-	log.Info("creating vm", "image", req.Image, "vmm", kind, "accel", accel, "cpus", req.CPUs, "memory", req.MemoryBytes)
+	log.Info("creating vm", "image", req.Image, "vmm", kind, "accel", accel, "cpus", req.CPUs, "memory", req.MemoryBytes,
+		"disk", rt.Disk.Strategy)
 	s.publish(req.Name, "vm.state", string(api.VMCreating))
 
 	r := revert.New()
@@ -110,26 +126,28 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	})
 	crashpoint("create:row")
 
-	if err := s.makeDisk(ctx, row, &rt, files, progress); err != nil {
+	if err := s.makeDisk(ctx, row, rt, cloner, files, progress); err != nil {
 		return api.VM{}, err
 	}
 	crashpoint("create:disk")
 	if err := s.writeIdentity(ctx, row, &rt, progress); err != nil {
 		return api.VM{}, err
 	}
-	if err := s.saveRuntime(ctx, id, rt); err != nil {
-		return api.VM{}, err
-	}
 	crashpoint("create:identity")
 
-	if req.NoStart {
-		if err := s.setState(ctx, row, api.VMStopped, "", api.VMCreating); err != nil {
-			return api.VM{}, err
+	switch {
+	case req.NoStart:
+		rt.Creating = false
+		err = s.changeVM(ctx, row, store.VMChange{From: []string{string(api.VMCreating)}, State: string(api.VMStopped),
+			Runtime: encodeRuntime(rt), MarkCreated: true})
+	case req.NoWait:
+		err = s.bootLocked(ctx, row, rt, bootOptions{finishCreate: true}, progress, api.VMCreating)
+	default:
+		if err = s.bootLocked(ctx, row, rt, bootOptions{wait: true}, progress, api.VMCreating); err == nil {
+			err = s.finishCreate(ctx, id)
 		}
-	} else if err := s.bootLocked(ctx, row, rt, !req.NoWait, progress, api.VMCreating); err != nil {
-		return api.VM{}, err
 	}
-	if err := s.finishCreate(ctx, id); err != nil {
+	if err != nil {
 		return api.VM{}, err
 	}
 	r.Success()
@@ -178,43 +196,64 @@ func (s *Service) cloneOptions(vmID string, allowQCOW2 bool) image.CloneOptions 
 	return image.CloneOptions{Snapshots: s.Snapshots, VMID: vmID, AllowQCOW2: allowQCOW2, Logger: s.Log}
 }
 
-// makeDisk clones the image's rootfs into the VM's directory by the
-// cheapest strategy the host allows and grows it to the requested size.
-func (s *Service) makeDisk(ctx context.Context, row store.VM, rt *Runtime, files BootFiles, progress ProgressFunc) error {
-	dir := s.Layout.VMDir(row.ID)
-	if err := s.acquire(ctx, row.ID, resVMDir, dir, nil, func() error { return os.MkdirAll(dir, 0o700) }); err != nil {
-		return err
+// planDisk picks the clone strategy (probing the file system the VM's
+// directory will be on) and fills in the disk's and seed's paths.
+func (s *Service) planDisk(ctx context.Context, row store.VM, rt *Runtime, files BootFiles) (image.Cloner, error) {
+	if err := os.MkdirAll(s.Layout.VMsDir(), 0o700); err != nil {
+		return nil, err
 	}
-	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "disk"}, Message: "cloning the image's disk"})
-	cloner, err := image.ChooseCloner(ctx, files.Rootfs, dir, s.cloneOptions(row.ID, rt.VMM == vmm.QEMU))
+	opts := s.cloneOptions(row.ID, rt.VMM == vmm.QEMU)
+	opts.Size = row.DiskBytes // a qcow2 overlay is made at full size at once
+	cloner, err := image.ChooseCloner(ctx, files.Rootfs, s.Layout.VMsDir(), opts)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	dir := s.Layout.VMDir(row.ID)
 	path := filepath.Join(dir, "root.img")
 	if cloner.Format() == image.DiskQCOW2 {
 		path = filepath.Join(dir, "root.qcow2")
 	}
-	err = s.acquire(ctx, row.ID, resDisk, path, diskData{Strategy: cloner.Strategy()}, func() error {
-		if err := cloner.Clone(ctx, files.Rootfs, path); err != nil {
-			return err
-		}
-		if cloner.Format() == image.DiskRaw && cloner.Strategy() != image.CloneDMSnapshot {
-			// Grow file and filesystem now; the guest boots at full size.
-			return ext4.Resize(ctx, path, row.DiskBytes)
-		}
-		// qcow2 and dm-snapshot disks grow as block devices here; the
-		// image's fstab (x-systemd.growfs) grows the filesystem at boot.
-		if cloner.Format() == image.DiskQCOW2 {
-			return image.Grow(ctx, path, image.DiskQCOW2, row.DiskBytes)
-		}
-		return nil
-	})
-	if err != nil {
+	rt.Disk = Disk{Path: path, Format: cloner.Format(), Strategy: cloner.Strategy()}
+	if !identityInClone(rt.Disk) {
+		rt.Seed = filepath.Join(dir, "seed.img")
+	}
+	return cloner, nil
+}
+
+// identityInClone says whether the identity can be written into the disk
+// itself: only a raw ext4 file can be edited (debugfs) before boot.
+func identityInClone(d Disk) bool {
+	return d.Format == image.DiskRaw && d.Strategy != image.CloneDMSnapshot
+}
+
+// makeDisk clones the image's rootfs into the VM's directory and grows it
+// to the requested size.
+func (s *Service) makeDisk(ctx context.Context, row store.VM, rt Runtime, cloner image.Cloner, files BootFiles, progress ProgressFunc) error {
+	if err := os.Mkdir(s.Layout.VMDir(row.ID), 0o700); err != nil {
+		return fmt.Errorf("make vm directory: %w", err)
+	}
+	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "disk"}, Message: "cloning the image's disk (" + string(rt.Disk.Strategy) + ")"})
+	if err := cloner.Clone(ctx, files.Rootfs, rt.Disk.Path); err != nil {
 		return fmt.Errorf("make disk: %w", err)
 	}
-	rt.Disk = Disk{Path: path, Format: cloner.Format(), Strategy: cloner.Strategy()}
-	s.Log.Info("disk cloned", "vm", row.Name, "strategy", cloner.Strategy(), "format", cloner.Format())
+	if identityInClone(rt.Disk) {
+		// Grow file and file system now (resize2fs): the guest boots at
+		// full size. A qcow2 overlay was made at full size and a
+		// dm-snapshot is sized by the helper; the image's fstab
+		// (x-systemd.growfs) grows their file system at boot.
+		if err := ext4.Resize(ctx, rt.Disk.Path, row.DiskBytes); err != nil {
+			return fmt.Errorf("grow disk: %w", err)
+		}
+	}
 	return nil
+}
+
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err) // plain data only
+	}
+	return b
 }
 
 // alias is the VM's name in banger's known_hosts.
@@ -249,62 +288,20 @@ func (s *Service) writeIdentity(ctx context.Context, row store.VM, rt *Runtime, 
 	if err != nil {
 		return err
 	}
-	a := alias(row.Name)
-	if err := s.acquire(ctx, row.ID, resKnownHosts, a, nil, func() error {
-		return guest.Add(s.Layout.KnownHosts(), []string{a}, keys.PublicKeys())
-	}); err != nil {
+	if err := guest.Add(s.Layout.KnownHosts(), []string{alias(row.Name)}, keys.PublicKeys()); err != nil {
 		return fmt.Errorf("pin host keys: %w", err)
 	}
-	if rt.Disk.Format == image.DiskRaw && rt.Disk.Strategy != image.CloneDMSnapshot {
+	if rt.Seed == "" {
 		if err := ext4.WriteFiles(ctx, rt.Disk.Path, files); err != nil {
 			return fmt.Errorf("write identity into the disk: %w", err)
 		}
-	} else {
-		seed := filepath.Join(s.Layout.VMDir(row.ID), "seed.img")
-		if err := s.acquire(ctx, row.ID, resSeed, seed, nil, func() error { return makeSeed(ctx, seed, files) }); err != nil {
-			return fmt.Errorf("write identity seed: %w", err)
-		}
-		rt.Seed = seed
+	} else if err := makeSeed(rt.Seed, files); err != nil {
+		return fmt.Errorf("write identity seed: %w", err)
 	}
 	rt.MachineID = machineID
 	rt.HostKeys = nil
 	for _, k := range keys.PublicKeys() {
 		rt.HostKeys = append(rt.HostKeys, strings.TrimSpace(string(ssh.MarshalAuthorizedKey(k))))
-	}
-	return nil
-}
-
-// seedRemoveList names, inside a seed disk, the guest paths the seed
-// service deletes (host keys an image carried that banger does not pin).
-const seedRemoveList = "/.banger-remove"
-
-// makeSeed writes the identity files into a small fresh ext4 image. The
-// image's banger-seed.service copies its tree over / early at boot and
-// deletes the paths listed in /.banger-remove.
-func makeSeed(ctx context.Context, path string, files []ext4.File) error {
-	empty, err := os.MkdirTemp("", "banger-seed-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(empty)
-	if err := ext4.Make(ctx, empty, path, 8*api.MiB, ext4.MakeOptions{Label: "banger-seed"}); err != nil {
-		return err
-	}
-	var write []ext4.File
-	var remove []string
-	for _, f := range files {
-		if f.Remove {
-			remove = append(remove, f.Path)
-			continue
-		}
-		write = append(write, f)
-	}
-	if len(remove) > 0 {
-		write = append(write, ext4.File{Path: seedRemoveList, Mode: 0o644, Data: []byte(strings.Join(remove, "\n") + "\n")})
-	}
-	if err := ext4.WriteFiles(ctx, path, write); err != nil {
-		os.Remove(path)
-		return err
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -51,15 +52,17 @@ func newService(t testing.TB, images *image.Service) *Service {
 	t.Helper()
 	cfg := config.Default()
 	cfg.VM.StopTimeout = config.Duration(60 * time.Second)
+	probe := sync.OnceValue(func() vmm.ProbeResult {
+		return vmm.ProbeKVM(context.Background(), vmm.ProbeOptions{CacheFile: filepath.Join(testutil.TestCacheDir(t), "kvm-probe.json")})
+	})
 	return &Service{
 		Store:   images.Store,
 		Layout:  images.Layout,
 		Config:  cfg,
 		Images:  ImageStore(images),
 		Drivers: map[vmm.Kind]vmm.Driver{vmm.QEMU: qemu.New()},
-		KVM: func(ctx context.Context) vmm.ProbeResult {
-			return vmm.ProbeKVM(ctx, vmm.ProbeOptions{CacheFile: filepath.Join(testutil.TestCacheDir(t), "kvm-probe.json")})
-		},
+		// Like the daemon, probe once per service.
+		KVM:    func(context.Context) vmm.ProbeResult { return probe() },
 		Limits: HostLimits(),
 		Events: &events.Bus{},
 		Log:    testLogger(t),

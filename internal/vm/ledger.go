@@ -34,30 +34,11 @@ const (
 // runtimeKinds are released when a VM stops; the rest live until delete.
 var runtimeKinds = []string{resProcess, resPort, resRunDir}
 
+// Intents are recorded in the same commit as the lifecycle step that is
+// about to create them (store.VMChange), so a step costs one durable write.
+
 type diskData struct {
 	Strategy image.CloneStrategy `json:"strategy"`
-}
-
-// acquire records the intent, runs create, and marks the resource created.
-// If create fails the intent is released again (create undoes its own
-// partial work) and forgotten.
-func (s *Service) acquire(ctx context.Context, vmID, kind, ref string, data any, create func() error) error {
-	var raw []byte
-	if data != nil {
-		b, err := json.Marshal(data)
-		if err != nil {
-			return err
-		}
-		raw = b
-	}
-	if err := s.Store.AddResourceIntent(ctx, vmID, kind, ref, raw); err != nil {
-		return fmt.Errorf("record %s %s: %w", kind, ref, err)
-	}
-	if err := create(); err != nil {
-		s.releaseOne(context.WithoutCancel(ctx), store.Resource{VMID: vmID, Kind: kind, Ref: ref, Data: raw, State: store.ResourceIntent})
-		return err
-	}
-	return s.Store.MarkResourceCreated(ctx, vmID, kind, ref, nil)
 }
 
 // release frees a VM's resources of the given kinds (all kinds when none

@@ -42,7 +42,7 @@ func (s *Service) Start(ctx context.Context, name string, noWait bool, progress 
 	if err := s.release(ctx, row.ID, runtimeKinds...); err != nil {
 		return api.VM{}, err
 	}
-	if err := s.bootLocked(ctx, row, rt, !noWait, progress, api.VMStopped, api.VMError); err != nil {
+	if err := s.bootLocked(ctx, row, rt, bootOptions{wait: !noWait}, progress, api.VMStopped, api.VMError); err != nil {
 		return api.VM{}, err
 	}
 	return s.Get(ctx, name)

@@ -249,6 +249,21 @@ func (s *Service) publish(name, typ, msg string) {
 	}
 }
 
+// changeVM applies a batched state change and publishes a new state.
+func (s *Service) changeVM(ctx context.Context, r store.VM, c store.VMChange) error {
+	if err := s.Store.ChangeVM(ctx, r.ID, c); err != nil {
+		if errors.Is(err, store.ErrStateConflict) {
+			cur, _ := s.Store.GetVMByID(ctx, r.ID)
+			return api.Errorf(api.CodeConflict, "vm %q is %s", r.Name, cur.State)
+		}
+		return err
+	}
+	if c.State != "" {
+		s.publish(r.Name, "vm.state", c.State+stateSuffix(c.Reason))
+	}
+	return nil
+}
+
 func (s *Service) saveRuntime(ctx context.Context, id string, rt Runtime) error {
 	return s.Store.SetVMRuntime(ctx, id, encodeRuntime(rt))
 }
