@@ -27,6 +27,12 @@ const startTimeout = 60 * time.Second
 
 func isNoDaemon(err error) bool { return errors.Is(err, client.ErrNoDaemon) }
 
+// isDying reports a connection the daemon reset or closed without an
+// answer: it is going away.
+func isDying(err error) bool {
+	return err != nil && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF))
+}
+
 // connect returns a client for a daemon that answers. In user mode it
 // starts bangerd when none runs, and restarts one built from a binary that
 // has since been rebuilt. In system mode it never spawns anything.
@@ -37,6 +43,12 @@ func (a *app) connect(ctx context.Context) (*client.Client, error) {
 	}
 	c := client.New(l.DaemonSocket())
 	dv, err := c.Version(ctx)
+	// A daemon that is dying (crashed, or stopping) may still hold its
+	// socket for a moment and reset the connection: give it that moment.
+	for i := 0; i < 25 && isDying(err); i++ {
+		time.Sleep(200 * time.Millisecond)
+		dv, err = c.Version(ctx)
+	}
 	switch {
 	case isNoDaemon(err):
 		if l.Mode == paths.SystemMode {
