@@ -30,37 +30,24 @@ func (a *app) eachVM(ctx context.Context, names []string, fn func(c *client.Clie
 type vmStartFlags struct{ noWait bool }
 
 func (a *app) newVMStartCmd() *cobra.Command {
-	var f vmStartFlags
-	cmd := &cobra.Command{
-		Use:   "start NAME...",
-		Short: "Boot stopped VMs and wait for SSH",
-		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, names []string) error {
-			return a.eachVM(cmd.Context(), names, func(c *client.Client, n string) error {
-				pv := newProgressView(a.stderr)
-				v, err := c.StartVM(cmd.Context(), n, f.noWait, pv.event)
-				pv.done()
-				if err == nil {
-					printVMReady(a, v, !f.noWait)
-				}
-				return err
-			})
-		},
-	}
-	cmd.Flags().BoolVar(&f.noWait, "no-wait", false, "return once the VMM runs, without waiting for SSH")
-	return cmd
+	return a.newVMBootCmd("start NAME...", "Boot stopped VMs and wait for SSH", (*client.Client).StartVM)
 }
 
 func (a *app) newVMRestartCmd() *cobra.Command {
+	return a.newVMBootCmd("restart NAME...", "Stop VMs gracefully and boot them again", (*client.Client).RestartVM)
+}
+
+// newVMBootCmd is start and restart: they differ only in the call.
+func (a *app) newVMBootCmd(use, short string, boot func(*client.Client, context.Context, string, bool, func(api.Event)) (api.VM, error)) *cobra.Command {
 	var f vmStartFlags
 	cmd := &cobra.Command{
-		Use:   "restart NAME...",
-		Short: "Stop VMs gracefully and boot them again",
+		Use:   use,
+		Short: short,
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, names []string) error {
 			return a.eachVM(cmd.Context(), names, func(c *client.Client, n string) error {
 				pv := newProgressView(a.stderr)
-				v, err := c.RestartVM(cmd.Context(), n, f.noWait, pv.event)
+				v, err := boot(c, cmd.Context(), n, f.noWait, pv.event)
 				pv.done()
 				if err == nil {
 					printVMReady(a, v, !f.noWait)
