@@ -86,7 +86,9 @@ func Spawn(o SpawnOptions) (*Process, error) {
 	if logger != nil {
 		go logger.Wait() // reap it when it exits, if we are still its parent
 	}
-	st, err := ProcStartTime(cmd.Process.Pid)
+	// The child is ours and unreaped, so its pid cannot be recycled; a child
+	// that already exited is a zombie whose start time is still valid.
+	st, err := procStartTime(cmd.Process.Pid, true)
 	if err != nil {
 		_ = cmd.Process.Kill()
 		_, _ = cmd.Process.Wait()
@@ -178,14 +180,20 @@ func (p *Process) Wait() int {
 // ProcStartTime reads field 22 (starttime, in clock ticks since boot) of
 // /proc/<pid>/stat.
 func ProcStartTime(pid int) (uint64, error) {
+	return procStartTime(pid, false)
+}
+
+func procStartTime(pid int, zombieOK bool) (uint64, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
 		return 0, ErrGone
 	}
-	return parseStartTime(b)
+	return parseStartTime(b, zombieOK)
 }
 
-func parseStartTime(stat []byte) (uint64, error) {
+// parseStartTime reads starttime from a /proc/<pid>/stat line. A zombie is
+// ErrGone unless zombieOK.
+func parseStartTime(stat []byte, zombieOK bool) (uint64, error) {
 	// comm (field 2) may hold spaces and parentheses; fields resume after the
 	// last ')'.
 	i := bytes.LastIndexByte(stat, ')')
@@ -199,7 +207,7 @@ func parseStartTime(stat []byte) (uint64, error) {
 		return 0, errors.New("short /proc stat")
 	}
 	// A zombie still has a stat entry; it is not running any more.
-	if string(fields[0]) == "Z" {
+	if string(fields[0]) == "Z" && !zombieOK {
 		return 0, ErrGone
 	}
 	return strconv.ParseUint(string(fields[idx]), 10, 64)

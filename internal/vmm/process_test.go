@@ -18,12 +18,19 @@ func TestMain(m *testing.M) {
 // starttime is read after the last ')', whatever the command name holds.
 func TestParseStartTime(t *testing.T) {
 	stat := "1234 (we(ird) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10\n"
-	got, err := parseStartTime([]byte(stat))
+	got, err := parseStartTime([]byte(stat), false)
 	if err != nil || got != 987654 {
 		t.Fatalf("parseStartTime = %d, %v; want 987654", got, err)
 	}
-	if _, err := parseStartTime([]byte("1 (x) Z 1 2")); err == nil {
+	if _, err := parseStartTime([]byte("1 (x) Z 1 2"), false); err == nil {
 		t.Fatal("short or zombie stat accepted")
+	}
+	zombie := strings.Replace(stat, ") S ", ") Z ", 1)
+	if _, err := parseStartTime([]byte(zombie), false); err == nil {
+		t.Fatal("zombie accepted as alive")
+	}
+	if got, err := parseStartTime([]byte(zombie), true); err != nil || got != 987654 {
+		t.Fatalf("unreaped child: %d, %v; want 987654", got, err)
 	}
 }
 
