@@ -48,6 +48,13 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	if !ok {
 		return api.Errorf(api.CodeFailedPrecondition, "no %s driver on this host", rt.VMM)
 	}
+	if row.NetMode == NetBridge {
+		// Checked before the VM leaves its state: without the helper no
+		// tap can be made, and the VM stays as it was.
+		if _, err := s.bridge(ctx); err != nil {
+			return bridgeUnavailable(row.Name, err)
+		}
+	}
 	files, err := s.Images.BootFiles(ctx, row.ImageName)
 	if err != nil {
 		return err
@@ -73,6 +80,7 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 			<-m.Done()
 			m.Close()
 		}
+		s.deactivateAll(row.ID)
 		if rerr := s.release(bg, row.ID, runtimeKinds...); rerr != nil {
 			log.Error("release after failed boot", "err", rerr)
 		}
@@ -86,6 +94,12 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return err
 	}
+	if row.NetMode == NetBridge {
+		crashpoint("start:tap")
+		if err := s.makeTap(ctx, row.Name, row.ID); err != nil {
+			return err
+		}
+	}
 	console := consoleLogPath(s.Layout.VMDir(row.ID))
 	var offset int64
 	if st, err := os.Stat(console); err == nil {
@@ -93,9 +107,15 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	}
 
 	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "boot"}, Message: fmt.Sprintf("starting %s (%s)", rt.VMM, rt.Accel)})
+	var userFwds []api.PortForwardRequest
 	for attempt := 0; ; attempt++ {
 		crashpoint("start:spawn")
-		m, err = drv.Start(ctx, s.vmmConfig(row, rt, files, runDir, console, port), log)
+		if row.NetMode != NetBridge {
+			// Forwards whose port another program holds are left out
+			// (and reported) rather than failing the boot.
+			userFwds = s.userForwards(ctx, row, progress)
+		}
+		m, err = drv.Start(ctx, s.vmmConfig(row, rt, files, runDir, console, port, userFwds), log)
 		if err == nil {
 			break
 		}
@@ -113,7 +133,11 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	h := m.Handle()
 	now := time.Now().UTC()
 	rt.Handle, rt.StartedAt = &h, &now
-	rt.Network.SSHHost, rt.Network.SSHPort = "127.0.0.1", port
+	if row.NetMode == NetBridge {
+		rt.Network.SSHHost, rt.Network.SSHPort = rt.Network.IP, 22
+	} else {
+		rt.Network.SSHHost, rt.Network.SSHPort = "127.0.0.1", port
+	}
 	if opt.finishCreate {
 		rt.Creating = false
 	}
@@ -129,7 +153,12 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	crashpoint("start:spawned")
 	s.setMachine(row.ID, m)
 	s.supervise(row, m)
-	log.Info("vmm started", "pid", h.PID, "ssh_port", port)
+	if row.NetMode == NetBridge {
+		s.startForwards(ctx, row, rt, m, false, progress)
+	} else {
+		s.markForwardsActive(row.ID, userFwds)
+	}
+	log.Info("vmm started", "pid", h.PID, "ssh", net.JoinHostPort(rt.Network.SSHHost, strconv.Itoa(rt.Network.SSHPort)))
 	if !opt.wait {
 		return nil
 	}
@@ -143,11 +172,18 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 }
 
 // markStarting moves the VM to starting and records the intents of its
-// runtime directory and a free forwarded port, in one commit. The UNIQUE
-// constraint on resources keeps two VMs from taking the same port.
+// runtime directory and, in bridge mode, its tap, or in user mode a free
+// port for SSH, in one commit. The UNIQUE constraint on resources keeps two
+// VMs from taking the same port.
 func (s *Service) markStarting(ctx context.Context, row store.VM, rt Runtime, runDir string, from []string) (int, error) {
+	if row.NetMode == NetBridge {
+		return 0, s.changeVM(ctx, row, store.VMChange{
+			From: from, State: string(api.VMStarting), Runtime: encodeRuntime(rt),
+			Intents: []store.Resource{{Kind: resRunDir, Ref: runDir}, {Kind: resTap, Ref: network.TapName(row.ID)}},
+		})
+	}
 	for range 20 {
-		port, err := freePort()
+		port, err := s.freeSSHPort(ctx)
 		if err != nil {
 			return 0, err
 		}
@@ -169,7 +205,7 @@ func (s *Service) movePort(ctx context.Context, vmID string, old int) (int, erro
 		return 0, err
 	}
 	for range 20 {
-		port, err := freePort()
+		port, err := s.freeSSHPort(ctx)
 		if err != nil {
 			return 0, err
 		}
@@ -184,6 +220,25 @@ func (s *Service) movePort(ctx context.Context, vmID string, old int) (int, erro
 
 func portRef(port int) string { return "tcp:127.0.0.1:" + strconv.Itoa(port) }
 
+// freeSSHPort is a free loopback port that no VM forwards: a stopped VM's
+// forward is not bound, yet its port is promised to it.
+func (s *Service) freeSSHPort(ctx context.Context) (int, error) {
+	for range 20 {
+		port, err := freePort()
+		if err != nil {
+			return 0, err
+		}
+		held, err := s.Store.ResourceHeld(ctx, resForward, forwardRef(api.ProtoTCP, port))
+		if err != nil {
+			return 0, err
+		}
+		if !held {
+			return port, nil
+		}
+	}
+	return 0, errors.New("find a free port: every candidate is forwarded")
+}
+
 // freePort asks the kernel for a free loopback TCP port.
 func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -194,8 +249,10 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// vmmConfig describes the VM to its driver.
-func (s *Service) vmmConfig(row store.VM, rt Runtime, files BootFiles, runDir, console string, sshPort int) vmm.Config {
+// vmmConfig describes the VM to its driver. A bridge-mode VM's NIC is its
+// tap; a user-mode VM's NIC carries SSH and the port forwards as QEMU
+// hostfwd rules.
+func (s *Service) vmmConfig(row store.VM, rt Runtime, files BootFiles, runDir, console string, sshPort int, fwds []api.PortForwardRequest) vmm.Config {
 	kernel := files.Kernel
 	if rt.VMM == vmm.Firecracker {
 		kernel = files.Vmlinux
@@ -204,24 +261,29 @@ func (s *Service) vmmConfig(row store.VM, rt Runtime, files BootFiles, runDir, c
 	if rt.Seed != "" {
 		disks = append(disks, vmm.Disk{ID: "seed", Path: rt.Seed, Format: "raw", ReadOnly: true})
 	}
+	nic := vmm.NIC{ID: nicID, MAC: network.MAC(row.ID).String()}
+	if row.NetMode == NetBridge {
+		nic.Tap = network.TapName(row.ID)
+	} else {
+		nic.Forwards = []vmm.Forward{{Proto: "tcp", HostIP: "127.0.0.1", HostPort: sshPort, GuestPort: 22}}
+		for _, f := range fwds {
+			nic.Forwards = append(nic.Forwards, toVMMForward(f))
+		}
+	}
 	cmdline := strings.Join([]string{
 		"console=ttyS0", "root=/dev/vda", "rw", "panic=-1",
 		"systemd.hostname=" + row.Name,
 		"systemd.machine_id=" + rt.MachineID,
 	}, " ")
 	return vmm.Config{
-		ID:        row.ID,
-		CPUs:      row.CPUs,
-		MemoryMiB: int(row.MemoryBytes / api.MiB),
-		Kernel:    kernel,
-		Initrd:    files.Initrd,
-		Cmdline:   cmdline,
-		Disks:     disks,
-		NICs: []vmm.NIC{{
-			ID:       "eth0",
-			MAC:      network.MAC(row.ID).String(),
-			Forwards: []vmm.Forward{{Proto: "tcp", HostIP: "127.0.0.1", HostPort: sshPort, GuestPort: 22}},
-		}},
+		ID:            row.ID,
+		CPUs:          row.CPUs,
+		MemoryMiB:     int(row.MemoryBytes / api.MiB),
+		Kernel:        kernel,
+		Initrd:        files.Initrd,
+		Cmdline:       cmdline,
+		Disks:         disks,
+		NICs:          []vmm.NIC{nic},
 		RunDir:        runDir,
 		ConsoleLog:    console,
 		ConsoleLogMax: consoleLogMax,

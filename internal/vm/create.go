@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/crypto/ssh"
@@ -58,7 +60,9 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 		return api.VM{}, api.Errorf(api.CodeAlreadyExists, "a VM named %q already exists", req.Name).
 			WithHint("pick another name, or banger vm delete " + req.Name)
 	}
-	kind, accel, err := s.chooseVMM(ctx, req.VMM, progress)
+	// Bridge networking whenever the helper answers; user mode otherwise.
+	bn, _ := s.bridge(ctx)
+	kind, accel, err := s.chooseVMM(ctx, req.VMM, bn != nil, progress)
 	if err != nil {
 		return api.VM{}, err
 	}
@@ -84,7 +88,10 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	row := store.VM{
 		ID: id, Name: req.Name, ImageID: im.ID, ImageName: im.Name, VMM: req.VMM,
 		CPUs: req.CPUs, MemoryBytes: req.MemoryBytes, DiskBytes: req.DiskBytes,
-		NetMode: "user", State: string(api.VMCreating),
+		NetMode: NetUser, State: string(api.VMCreating),
+	}
+	if bn != nil {
+		row.NetMode = NetBridge
 	}
 	rt := Runtime{VMM: kind, Accel: accel, Creating: true}
 	cloner, err := s.planDisk(ctx, row, &rt, files)
@@ -101,18 +108,14 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	if rt.Seed != "" {
 		intents = append(intents, store.Resource{Kind: resSeed, Ref: rt.Seed})
 	}
-	row.Runtime = encodeRuntime(rt)
-	if err := s.Store.InsertVM(ctx, row, intents...); err != nil {
-		if errors.Is(err, store.ErrExists) {
-			return api.VM{}, api.Errorf(api.CodeAlreadyExists, "a VM named %q already exists", req.Name)
-		}
+	if err := s.insertVM(ctx, &row, &rt, bn, intents); err != nil {
 		return api.VM{}, err
 	}
 	unlock := s.lock(id)
 	defer unlock()
 	log := s.Log.With("vm", req.Name, "id", id)
 	log.Info("creating vm", "image", req.Image, "vmm", kind, "accel", accel, "cpus", req.CPUs, "memory", req.MemoryBytes,
-		"disk", rt.Disk.Strategy)
+		"disk", rt.Disk.Strategy, "net", row.NetMode, "ip", rt.Network.IP)
 	s.publish(req.Name, "vm.state", string(api.VMCreating))
 
 	r := revert.New()
@@ -161,8 +164,10 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	return s.Get(ctx, req.Name)
 }
 
-// chooseVMM resolves "auto" and checks an explicit choice can run here.
-func (s *Service) chooseVMM(ctx context.Context, want string, progress ProgressFunc) (vmm.Kind, vmm.Accel, error) {
+// chooseVMM resolves "auto" and checks an explicit choice can run here:
+// Firecracker when its binary is there, KVM guests run and the VM gets a
+// bridge (Firecracker has no user-mode networking), QEMU otherwise.
+func (s *Service) chooseVMM(ctx context.Context, want string, bridged bool, progress ProgressFunc) (vmm.Kind, vmm.Accel, error) {
 	probe := s.KVM(ctx)
 	_, fcOK := s.Drivers[vmm.Firecracker]
 	switch want {
@@ -172,9 +177,15 @@ func (s *Service) chooseVMM(ctx context.Context, want string, progress ProgressF
 		}
 		// Firecracker has no user-mode networking: it needs a tap on the
 		// bridge, which only the root helper can make.
-		return "", "", api.Errorf(api.CodeFailedPrecondition, "firecracker VMs need bridge networking through banger-helper, which is not running").
-			WithHint("install the helper with banger system install, or use --vmm qemu")
+		if !bridged {
+			return "", "", api.Errorf(api.CodeFailedPrecondition, "firecracker VMs need bridge networking through banger-helper, which is not answering").
+				WithHint("install the helper with banger system install, or use --vmm qemu")
+		}
+		return vmm.Firecracker, vmm.KVM, nil
 	case "auto", "qemu":
+		if want == "auto" && fcOK && bridged && probe.Usable {
+			return vmm.Firecracker, vmm.KVM, nil
+		}
 		if probe.Usable {
 			return vmm.QEMU, vmm.KVM, nil
 		}
@@ -277,9 +288,30 @@ func (s *Service) writeIdentity(ctx context.Context, row store.VM, rt *Runtime, 
 	if err != nil {
 		return err
 	}
+	netCfg := guest.NetConfig{Mode: guest.NetUser, MAC: network.MAC(row.ID).String()}
+	if row.NetMode == NetBridge {
+		bn := s.liveBridge()
+		if bn == nil {
+			return bridgeUnavailable(row.Name, ErrNoHelper)
+		}
+		sub := bn.cfg.Subnet
+		addr, err := netip.ParseAddr(rt.Network.IP)
+		if err != nil || !sub.IsGuestAddr(addr) {
+			return fmt.Errorf("vm %s: address %q is not a guest address of %s", row.Name, rt.Network.IP, sub.Prefix())
+		}
+		// The gateway also answers DNS: the helper redirects its port 53
+		// to the daemon's server for <vm>.banger and the outside.
+		netCfg = guest.NetConfig{
+			Mode:    guest.NetStatic,
+			Address: netip.PrefixFrom(addr, sub.Prefix().Bits()).String(),
+			Gateway: sub.Gateway().String(),
+			DNS:     []string{sub.Gateway().String()},
+			MAC:     netCfg.MAC,
+		}
+	}
 	id := guest.Identity{
 		Hostname:       row.Name,
-		Net:            guest.NetConfig{Mode: guest.NetUser, MAC: network.MAC(row.ID).String()},
+		Net:            netCfg,
 		AuthorizedKeys: [][]byte{authLine},
 		HostKeys:       keys,
 		MachineID:      machineID,
@@ -304,6 +336,43 @@ func (s *Service) writeIdentity(ctx context.Context, row store.VM, rt *Runtime, 
 		rt.HostKeys = append(rt.HostKeys, strings.TrimSpace(string(ssh.MarshalAuthorizedKey(k))))
 	}
 	return nil
+}
+
+// insertVM records the new VM and the intents of what create makes. A
+// bridge-mode VM also gets the lowest free address of the subnet, recorded
+// as a resource: the UNIQUE constraint settles two creates picking the same
+// one, and the loser takes the next.
+func (s *Service) insertVM(ctx context.Context, row *store.VM, rt *Runtime, bn *bridgeNet, intents []store.Resource) error {
+	var tried []netip.Addr
+	for {
+		rs := intents
+		if bn != nil {
+			used, err := s.usedAddresses(ctx)
+			if err != nil {
+				return err
+			}
+			addr, err := bn.cfg.Subnet.Allocate(append(used, tried...))
+			if err != nil {
+				return api.Errorf(api.CodeFailedPrecondition, "no free address for a new VM: %v", err).
+					WithHint("delete VMs you no longer need, or configure a larger [network] subnet")
+			}
+			tried = append(tried, addr)
+			rt.Network.IP = addr.String()
+			rs = append(slices.Clone(intents), store.Resource{Kind: resAddress, Ref: addr.String()})
+		}
+		row.Runtime = encodeRuntime(*rt)
+		err := s.Store.InsertVM(ctx, *row, rs...)
+		if !errors.Is(err, store.ErrExists) {
+			return err
+		}
+		if _, gerr := s.Store.GetVM(ctx, row.Name); gerr == nil || bn == nil {
+			return api.Errorf(api.CodeAlreadyExists, "a VM named %q already exists", row.Name)
+		}
+		// Another create took the address first: take the next one.
+		if len(tried) >= 64 {
+			return fmt.Errorf("allocate an address for vm %s: %d candidates were taken concurrently", row.Name, len(tried))
+		}
+	}
 }
 
 // finishCreate clears the creating flag: from here on a crash leaves a

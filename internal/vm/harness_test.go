@@ -19,13 +19,16 @@ import (
 	"github.com/bangerhq/banger/internal/image/imagetest"
 	"github.com/bangerhq/banger/internal/testutil"
 	"github.com/bangerhq/banger/internal/vmm"
+	"github.com/bangerhq/banger/internal/vmm/firecracker/fcfake"
 	"github.com/bangerhq/banger/internal/vmm/qemu"
 )
 
 // The test binary also serves as the VMM console logger (vmm.Spawn re-execs
-// the running executable for it).
+// the running executable for it) and as a fake Firecracker (fcfake, when
+// its environment says so).
 func TestMain(m *testing.M) {
 	vmm.ConsoleLoggerMain()
+	fcfake.Main()
 	os.Exit(m.Run())
 }
 

@@ -27,12 +27,15 @@ const (
 	resSeed       = "seed"       // ref: seed image path
 	resKnownHosts = "knownhosts" // ref: the known_hosts alias
 	resRunDir     = "rundir"     // ref: the runtime directory (sockets)
-	resPort       = "port"       // ref: "tcp:127.0.0.1:PORT"
+	resPort       = "port"       // ref: "tcp:127.0.0.1:PORT", user mode's SSH
 	resProcess    = "process"    // ref: "pid:starttime"; data: vmm.Handle
+	resTap        = "tap"        // ref: the tap (bgr-<id>), made by the helper for one boot
+	resAddress    = "address"    // ref: the guest's IPv4 address on the bridge, for the VM's life
+	resForward    = "forward"    // ref: "tcp:8080"; data: forwardData (forward.go)
 )
 
 // runtimeKinds are released when a VM stops; the rest live until delete.
-var runtimeKinds = []string{resProcess, resPort, resRunDir}
+var runtimeKinds = []string{resProcess, resPort, resTap, resRunDir}
 
 // Intents are recorded in the same commit as the lifecycle step that is
 // about to create them (store.VMChange), so a step costs one durable write.
@@ -87,6 +90,12 @@ func (s *Service) releaseOne(ctx context.Context, r store.Resource) error {
 		// Nothing on the host: the VMM that bound it is gone.
 	case resProcess:
 		err = killHandle(r.Ref)
+	case resTap:
+		err = s.deleteTap(ctx, r.Ref)
+	case resAddress:
+		// Nothing on the host: the row is the allocation.
+	case resForward:
+		// Its relay, if any, stopped with the VMM (deactivateAll).
 	default:
 		err = fmt.Errorf("unknown resource kind %q", r.Kind)
 	}

@@ -162,6 +162,7 @@ func (s *Service) destroyLocked(ctx context.Context, row store.VM) error {
 		<-m.Done()
 		m.Close()
 	}
+	s.deactivateAll(row.ID)
 	if err := s.release(ctx, row.ID); err != nil {
 		return err
 	}

@@ -13,9 +13,11 @@ import (
 
 // Reconcile runs when the daemon starts. VMs left mid-create or mid-delete
 // are rolled back or finished; VMs that were running are re-attached (they
-// kept running while the daemon was down) or, if their VMM is gone, marked
-// and cleaned up; directories no row knows are removed. After it, the store
-// and the host agree.
+// kept running while the daemon was down, and get their port forwards
+// served again) or, if their VMM is gone, marked and cleaned up;
+// directories no row knows are removed, and so are the taps, loop devices,
+// snapshots and jails the helper lists that no VM holds. After it, the
+// store and the host agree.
 func (s *Service) Reconcile(ctx context.Context) error {
 	rows, err := s.Store.ListVMs(ctx)
 	if err != nil {
@@ -30,6 +32,9 @@ func (s *Service) Reconcile(ctx context.Context) error {
 		}
 	}
 	s.removeOrphans(known)
+	if err := s.sweepOwned(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
@@ -56,6 +61,9 @@ func (s *Service) reconcileOne(ctx context.Context, row store.VM) error {
 				if err == nil {
 					s.setMachine(row.ID, m)
 					s.supervise(row, m)
+					if row.State != string(api.VMStopping) {
+						s.startForwards(ctx, row, rt, m, true, nil)
+					}
 					if row.State == string(api.VMStopping) {
 						s.resumeStop(row, m)
 					} else if row.State == string(api.VMStarting) {

@@ -19,8 +19,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/bangerhq/banger/internal/api"
 	"github.com/bangerhq/banger/internal/config"
@@ -70,6 +72,10 @@ type Service struct {
 	// OnStopped, when set, runs after a VM's VMM exited or the VM was
 	// deleted (to drop pooled SSH connections).
 	OnStopped func(name string)
+	// Bridge, when set, is bridge networking through banger-helper, used
+	// for new VMs whenever the helper answers (EnableBridge); without it
+	// VMs get QEMU's user-mode networking.
+	Bridge *BridgeConfig
 
 	mu       sync.Mutex // guards locks, machines, tcgNoted
 	locks    map[string]*sync.Mutex
@@ -79,6 +85,15 @@ type Service struct {
 
 	listMu sync.Mutex // guards list
 	list   listCache
+
+	netMu     sync.Mutex // guards net and lastProbe
+	net       *bridgeNet // bridge networking in use; nil in user mode
+	lastProbe time.Time  // when the helper was last tried
+
+	fwdMu sync.Mutex // guards fwds
+	// fwds holds the forwards being served, per VM id and forward ref: a
+	// relay in bridge mode, nil where QEMU serves the forward itself.
+	fwds map[string]map[string]io.Closer
 }
 
 // listCache holds the VM list and its JSON encoding as of a store
@@ -126,7 +141,8 @@ func (s *Service) setMachine(id string, m vmm.Machine) {
 }
 
 // Close detaches from running VMs without stopping them: they keep running
-// and the next daemon re-attaches.
+// and the next daemon re-attaches. The relays of bridge-mode port forwards
+// and the DNS server stop with the daemon; the next one starts them again.
 func (s *Service) Close() {
 	s.mu.Lock()
 	ms := s.machines
@@ -135,6 +151,8 @@ func (s *Service) Close() {
 	for _, m := range ms {
 		m.Close()
 	}
+	s.deactivateAll("")
+	s.closeBridge()
 }
 
 // List returns every VM as the API shows it.

@@ -27,9 +27,10 @@ func (s *Service) supervise(row store.VM, m vmm.Machine) {
 
 // handleExitLocked records a VMM's exit: stopped when the guest powered off
 // or a stop was requested, error otherwise; and frees what a running VM
-// holds (process, forwarded port, runtime directory).
+// holds (process, forwarded port or tap, runtime directory, relays).
 func (s *Service) handleExitLocked(ctx context.Context, row store.VM, m vmm.Machine) {
 	s.setMachine(row.ID, nil)
+	s.deactivateAll(row.ID)
 	exit := m.Exit()
 	m.Close()
 	log := s.Log.With("vm", row.Name, "id", row.ID)
