@@ -14,6 +14,8 @@ packages=(
   nftables iproute2
   # reaching guests
   openssh-client
+  # tests: a real sshd stands in for a guest where booting one adds minutes
+  openssh-server
   # tests: loop devices, setpriv, a busybox for test initramfs
   util-linux busybox-static cpio
   # build

@@ -19,6 +19,12 @@ func (a *app) newVMCmd() *cobra.Command {
 		a.newVMDeleteCmd(),
 		a.newVMLogsCmd(),
 		a.newVMSSHCmd(),
+		a.newVMPortCmd(),
+		a.newVMExecCmd(),
+		a.newVMCpCmd(),
+		a.newVMSyncCmd(),
+		a.newVMSSHConfigCmd(),
+		a.newVMProxyCmd(),
 	)
 	return cmd
 }

@@ -44,10 +44,12 @@ func renderVMs(a *app, vms []api.VM) error {
 		return nil
 	}
 	now := time.Now()
-	t := newTable(a.stdout, "NAME", "STATE", "IMAGE", "VMM", "CPUS", "MEMORY", "DISK", "ADDRESS", "AGE")
+	t := newTable(a.stdout, "NAME", "STATE", "IMAGE", "VMM", "CPUS", "MEMORY", "DISK", "NET", "ADDRESS", "AGE")
 	for _, v := range vms {
+		// A bridge VM is reached at its own address; a user-mode one
+		// through its forwarded SSH port while it runs.
 		addr := v.Network.IP
-		if v.Network.SSHPort != 0 {
+		if addr == "" && v.Network.SSHPort != 0 {
 			addr = fmt.Sprintf("%s:%d", v.Network.SSHHost, v.Network.SSHPort)
 		}
 		state := string(v.State)
@@ -55,7 +57,7 @@ func renderVMs(a *app, vms []api.VM) error {
 			state += " (" + v.StateReason + ")"
 		}
 		t.row(v.Name, state, v.Image, v.VMM, strconv.Itoa(v.CPUs), api.FormatSize(v.MemoryBytes),
-			api.FormatSize(v.DiskBytes), orDash(addr), age(v.CreatedAt, now))
+			api.FormatSize(v.DiskBytes), orDash(v.Network.Mode), orDash(addr), age(v.CreatedAt, now))
 	}
 	return t.flush()
 }

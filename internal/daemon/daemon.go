@@ -190,16 +190,24 @@ func serve(ctx context.Context, layout paths.Layout, logFormat, logLevel string,
 	} else {
 		log.Debug("images reconciled", "report", rep)
 	}
+	// Bridge networking when banger-helper answers; the reconcile below
+	// then also removes what the helper holds for VMs that are gone.
+	if err := svc.vms.EnableBridge(ctx); err != nil {
+		log.Info("new VMs get user-mode networking", "reason", err)
+	}
 	if err := svc.vms.Reconcile(ctx); err != nil {
 		log.Error("reconcile vms", "err", err)
 	}
 	// VMs keep running after the daemon stops; it only lets go of them.
 	defer svc.vms.Close()
+	defer svc.guest.Close()
 	done := make(chan struct{})
 	shutdownReq := make(chan api.ShutdownRequest, 1)
 	srv := &server.Server{
 		VMs:      svc.vms,
 		Images:   svc.images,
+		Guest:    svc.guest,
+		Ports:    svc.vms,
 		Events:   bus,
 		Info:     func() api.VersionInfo { return vinfo },
 		Activity: act,

@@ -66,6 +66,12 @@ type Server struct {
 	// Done is closed when the daemon stops; streams end then.
 	Done <-chan struct{}
 	Log  *slog.Logger
+	// Guest runs commands and file sync inside VMs; nil answers those
+	// endpoints with "unavailable".
+	Guest GuestService
+	// Ports manages VMs' port forwards; nil answers those endpoints with
+	// "unavailable".
+	Ports PortService
 }
 
 // Handler returns the API handler with authentication and routing.
@@ -89,6 +95,13 @@ func (s *Server) Handler() http.Handler {
 	route("POST /v1/vms/{name}/stop", s.stopVM, true)
 	route("POST /v1/vms/{name}/kill", s.killVM, true)
 	route("GET /v1/vms/{name}/ssh", s.sshVM, true)
+	// An exec lasts as long as its command; it is in flight all along, so
+	// a daemon restart waits for it (up to its drain limit).
+	route("POST /v1/vms/{name}/exec", s.execVM, true)
+	route("POST /v1/vms/{name}/sync", s.syncVM, true)
+	route("GET /v1/vms/{name}/ports", s.listPorts, true)
+	route("POST /v1/vms/{name}/ports", s.addPort, true)
+	route("DELETE /v1/vms/{name}/ports/{proto}/{port}", s.removePort, true)
 	// Following a console can last forever: not counted as in flight.
 	route("GET /v1/vms/{name}/console", s.consoleVM, false)
 	route("GET /v1/images", s.listImages, true)
