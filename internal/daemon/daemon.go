@@ -185,6 +185,9 @@ func serve(ctx context.Context, layout paths.Layout, logFormat, logLevel string,
 	act := &activity{}
 	bus := &events.Bus{}
 	svc := newServices(st, layout, cfg, bus, log)
+	// Clean-up that finished builds left running ends before the store
+	// closes (deferred earlier, so it runs later).
+	defer svc.images.Wait()
 	if rep, err := svc.images.Reconcile(ctx); err != nil {
 		log.Error("reconcile images", "err", err)
 	} else {

@@ -113,7 +113,7 @@ func BenchmarkCreateToCommand(b *testing.B) {
 	}
 	peer, _ := svc.Store.GetVM(ctx, "peer")
 	prt, _ := decodeRuntime(peer.Runtime)
-	runTrue := func(name string, target guest.Target) error {
+	runTrue := func(target guest.Target) error {
 		c, err := guest.Dial(ctx, target)
 		if err != nil {
 			return err
@@ -137,7 +137,7 @@ func BenchmarkCreateToCommand(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		if err := runTrue(name, target); err != nil {
+		if err := runTrue(target); err != nil {
 			b.Fatal(err)
 		}
 		bangerDs = append(bangerDs, time.Since(t0))
@@ -153,7 +153,7 @@ func BenchmarkCreateToCommand(b *testing.B) {
 				return err
 			}
 			c.Close()
-			return runTrue("peer", t)
+			return runTrue(t)
 		})
 		if err != nil {
 			b.Fatal(err)
