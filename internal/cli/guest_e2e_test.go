@@ -189,18 +189,6 @@ func randomFile(t testing.TB, p string, size int64) string {
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-func sha256File(t testing.TB, p string) string {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	io.Copy(h, f)
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // TestGuestEndToEnd drives exec, cp, sync, ssh-config and the host key
 // pin on one real VM (QEMU/TCG, booted from the default image), through
 // the banger binary as a user would.
@@ -320,7 +308,7 @@ func TestGuestEndToEnd(t *testing.T) {
 			t.Fatalf("sha256 in the guest %s, want %s", got, want)
 		}
 		e.must(nil, "vm", "cp", e.vm+":/root/big.bin", filepath.Join(local, "back.bin"))
-		if got := sha256File(t, filepath.Join(local, "back.bin")); got != want {
+		if got := testutil.SHA256File(t, filepath.Join(local, "back.bin")); got != want {
 			t.Fatalf("sha256 back on the host %s, want %s", got, want)
 		}
 		e.sh("rm /root/big.bin")

@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/bangerhq/banger/internal/testutil"
 )
 
 // Fsck passes a fresh image and reports a damaged one with ErrNotClean and
@@ -72,11 +74,11 @@ func TestResize(t *testing.T) {
 	if err := Resize(ctx, img, 320<<20); err != nil {
 		t.Errorf("resize to the same size: %v", err)
 	}
-	before := sum(t, img)
+	before := testutil.SHA256File(t, img)
 	if err := Resize(ctx, img, 128<<20); err == nil || !strings.Contains(err.Error(), "shrinking") {
 		t.Errorf("Resize down = %v, want a refusal", err)
 	}
-	if sum(t, img) != before {
+	if testutil.SHA256File(t, img) != before {
 		t.Error("refused shrink changed the image")
 	}
 }

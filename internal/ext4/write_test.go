@@ -2,10 +2,8 @@ package ext4
 
 import (
 	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -13,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/bangerhq/banger/internal/testutil"
 )
 
 // baseTree is a small root file system like the ones banger clones: an
@@ -30,20 +30,6 @@ func baseTree() map[string]treeFile {
 		"opt":                          {mode: os.ModeDir | 0o755},
 		"etc/resolv.conf":              {mode: os.ModeSymlink, data: "../run/systemd/resolve/stub-resolv.conf"},
 	}
-}
-
-func sum(t testing.TB, path string) [32]byte {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return [32]byte(h.Sum(nil))
 }
 
 // WriteFiles writes regular files, directories and symlinks with their
@@ -159,7 +145,7 @@ func TestWriteFilesRefusesConflicts(t *testing.T) {
 		"dangling":     {mode: os.ModeSymlink, data: "nowhere"},
 		"filelink":     {mode: os.ModeSymlink, data: "etc/hostname"},
 	})
-	before := sum(t, img)
+	before := testutil.SHA256File(t, img)
 	tests := []struct {
 		name  string
 		files []File
@@ -182,7 +168,7 @@ func TestWriteFilesRefusesConflicts(t *testing.T) {
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Fatalf("WriteFiles = %v, want an error containing %q", err, tt.want)
 			}
-			if sum(t, img) != before {
+			if testutil.SHA256File(t, img) != before {
 				t.Fatal("image changed")
 			}
 		})

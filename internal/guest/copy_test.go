@@ -2,7 +2,6 @@ package guest_test
 
 import (
 	"crypto/rand"
-	"crypto/sha256"
 	"errors"
 	"io"
 	"io/fs"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/bangerhq/banger/internal/guest"
 	"github.com/bangerhq/banger/internal/guest/guesttest"
+	"github.com/bangerhq/banger/internal/testutil"
 )
 
 func sftpTo(t testing.TB, d *guesttest.SSHD) *sftp.Client {
@@ -33,20 +33,6 @@ func sftpTo(t testing.TB, d *guesttest.SSHD) *sftp.Client {
 	}
 	t.Cleanup(func() { sc.Close() })
 	return sc
-}
-
-func fileSum(t testing.TB, p string) [32]byte {
-	t.Helper()
-	f, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return [32]byte(h.Sum(nil))
 }
 
 func randomFile(t testing.TB, p string, size int64) {
@@ -72,7 +58,7 @@ func TestCopyLargeFileBothWays(t *testing.T) {
 	src := filepath.Join(local, "big.bin")
 	randomFile(t, src, 100<<20)
 	os.Chmod(src, 0o640)
-	want := fileSum(t, src)
+	want := testutil.SHA256File(t, src)
 
 	var last, total int64
 	st, err := guest.Upload(t.Context(), sc, "vm", src, remote+"/", guest.CopyOptions{Progress: func(d, tot int64) { last, total = d, tot }})
@@ -82,14 +68,14 @@ func TestCopyLargeFileBothWays(t *testing.T) {
 	if st.Files != 1 || st.Bytes != 100<<20 || last != total || total != 100<<20 {
 		t.Fatalf("stats %+v, progress %d/%d", st, last, total)
 	}
-	if got := fileSum(t, remote+"/big.bin"); got != want {
+	if got := testutil.SHA256File(t, remote+"/big.bin"); got != want {
 		t.Fatal("uploaded file differs")
 	}
 	back := filepath.Join(local, "back.bin")
 	if _, err := guest.Download(t.Context(), sc, "vm", remote+"/big.bin", back, guest.CopyOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if got := fileSum(t, back); got != want {
+	if got := testutil.SHA256File(t, back); got != want {
 		t.Fatal("downloaded file differs")
 	}
 	for _, p := range []string{remote + "/big.bin", back} {

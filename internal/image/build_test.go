@@ -2,13 +2,9 @@ package image_test
 
 import (
 	"bytes"
-	"context"
-	"crypto/sha256"
 	"debug/elf"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -20,6 +16,7 @@ import (
 	"github.com/bangerhq/banger/internal/ext4"
 	"github.com/bangerhq/banger/internal/image"
 	"github.com/bangerhq/banger/internal/image/imagetest"
+	"github.com/bangerhq/banger/internal/testutil"
 )
 
 // The default image is really built: a clean ext4 rootfs, a bzImage with
@@ -150,19 +147,12 @@ func TestDefaultImage(t *testing.T) {
 	}
 }
 
+// sha256File is a file's hex SHA-256 and its size.
 func sha256File(t *testing.T, path string) (string, int64) {
 	t.Helper()
-	f, err := os.Open(path)
+	fi, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	h := sha256.New()
-	n, err := io.Copy(h, f)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), n
+	return testutil.SHA256File(t, path), fi.Size()
 }
-
-var _ = context.Background

@@ -1,8 +1,6 @@
 package image
 
 import (
-	"crypto/sha256"
-	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -114,20 +112,6 @@ func makeSparseSource(t testing.TB, path string, size int64, data []sourceExtent
 	if err := f.Sync(); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func sha256File(t testing.TB, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("%x", h.Sum(nil))
 }
 
 // allocated is the space a file really uses, in bytes (st_blocks).

@@ -325,7 +325,7 @@ func TestCloneStrategies(t *testing.T) {
 			srcDir, dstDir := tt.dirs(t)
 			src := filepath.Join(srcDir, "rootfs.ext4")
 			makeSparseSource(t, src, testSourceSize, testSourceData)
-			srcSum := sha256File(t, src)
+			srcSum := testutil.SHA256File(t, src)
 			want, err := os.ReadFile(src)
 			if err != nil {
 				t.Fatal(err)
@@ -357,18 +357,18 @@ func TestCloneStrategies(t *testing.T) {
 				writeDisk(t, tt.cloner, dst, w.off, w.data)
 				copy(want[w.off:], w.data)
 			}
-			if got := sha256File(t, src); got != srcSum {
+			if got := testutil.SHA256File(t, src); got != srcSum {
 				t.Fatalf("writing to the clone changed the source: sha256 %s, was %s", got, srcSum)
 			}
 			if !bytes.Equal(readDisk(t, tt.cloner, dst), want) {
 				t.Fatal("the clone does not read back what was written to it")
 			}
 
-			cloneSum := sha256File(t, dst)
+			cloneSum := testutil.SHA256File(t, dst)
 			if err := tt.cloner.Clone(t.Context(), src, dst); !errors.Is(err, fs.ErrExist) {
 				t.Fatalf("Clone over an existing disk = %v, want fs.ErrExist", err)
 			}
-			if got := sha256File(t, dst); got != cloneSum {
+			if got := testutil.SHA256File(t, dst); got != cloneSum {
 				t.Fatal("a refused Clone changed the existing disk")
 			}
 
@@ -381,7 +381,7 @@ func TestCloneStrategies(t *testing.T) {
 			if err := tt.cloner.Remove(t.Context(), dst); err != nil {
 				t.Fatalf("second Remove: %v", err)
 			}
-			if got := sha256File(t, src); got != srcSum {
+			if got := testutil.SHA256File(t, src); got != srcSum {
 				t.Fatal("Remove changed the source")
 			}
 		})
@@ -469,7 +469,7 @@ func TestGrow(t *testing.T) {
 	t.Run("raw", func(t *testing.T) {
 		p := filepath.Join(t.TempDir(), "disk")
 		makeSparseSource(t, p, 8<<20, []sourceExtent{{0, 1 << 20}})
-		sum := sha256File(t, p)
+		sum := testutil.SHA256File(t, p)
 		blocks := allocatedBytes(t, p)
 		if err := Grow(t.Context(), p, DiskRaw, 8<<20); err != nil {
 			t.Fatalf("Grow to the same size: %v", err)
@@ -490,7 +490,7 @@ func TestGrow(t *testing.T) {
 		if err := os.Truncate(p, 8<<20); err != nil {
 			t.Fatal(err)
 		}
-		if got := sha256File(t, p); got != sum {
+		if got := testutil.SHA256File(t, p); got != sum {
 			t.Fatal("Grow changed the existing content")
 		}
 		if err := Grow(t.Context(), p, DiskRaw, 4<<20); !errors.Is(err, ErrShrink) {

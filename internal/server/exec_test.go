@@ -44,19 +44,13 @@ func startExecServer(t testing.TB, opts guesttest.Options) *execHarness {
 		Done:  h.done,
 		Log:   log,
 	}
-	ln, err := net.Listen("unix", h.sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: srv.Handler(), ConnContext: ConnContext}
-	go hs.Serve(ln)
-	t.Cleanup(func() {
+	serve(t, srv, h.sock)
+	t.Cleanup(func() { // runs before the server closes
 		select {
 		case <-h.done:
 		default:
 			close(h.done)
 		}
-		hs.Close()
 	})
 	h.c = client.New(h.sock)
 	return h

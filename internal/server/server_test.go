@@ -92,18 +92,22 @@ func startServer(t testing.TB) *harness {
 		Done:   done,
 		Log:    log,
 	}
-	ln, err := net.Listen("unix", h.sock)
+	serve(t, srv, h.sock)
+	t.Cleanup(func() { close(done) }) // runs before the server closes
+	h.c = client.New(h.sock)
+	return h
+}
+
+// serve serves srv's API on a unix socket until the test ends.
+func serve(t testing.TB, srv *Server, sock string) {
+	t.Helper()
+	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: ConnContext}
 	go hs.Serve(ln)
-	t.Cleanup(func() {
-		close(done)
-		hs.Close()
-	})
-	h.c = client.New(h.sock)
-	return h
+	t.Cleanup(func() { hs.Close() })
 }
 
 func (h *harness) raw(t testing.TB, method, path, contentType string, body io.Reader) (int, api.ErrorResponse) {
