@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
 	"slices"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"github.com/bangerhq/banger/internal/guest"
 	"github.com/bangerhq/banger/internal/image"
 	"github.com/bangerhq/banger/internal/image/imagetest"
+	"github.com/bangerhq/banger/internal/network"
 	"github.com/bangerhq/banger/internal/vmm"
 	"github.com/bangerhq/banger/internal/vmm/qemu"
 )
@@ -143,7 +145,7 @@ func BenchmarkCreateToCommand(b *testing.B) {
 		bangerDs = append(bangerDs, time.Since(t0))
 		_ = svc.Delete(ctx, name, true)
 
-		d, err := rawBoot(ctx, files, prt, func(port int) error {
+		d, err := rawBoot(ctx, files, peer.ID, prt, func(port int) error {
 			t := target
 			t.Addr, t.Alias = fmt.Sprintf("127.0.0.1:%d", port), alias("peer")
 			hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -169,20 +171,29 @@ func BenchmarkCreateToCommand(b *testing.B) {
 }
 
 // rawBoot runs QEMU by hand on a snapshot of the peer's disk and its seed,
-// polls ready until it succeeds, and returns the time to that point.
-func rawBoot(ctx context.Context, files BootFiles, rt Runtime, ready func(port int) error) (time.Duration, error) {
+// polls ready until it succeeds, and returns the time to that point. The
+// guest finds its seed disk by the serial and configures the NIC that has
+// its MAC, as under banger.
+func rawBoot(ctx context.Context, files BootFiles, id string, rt Runtime, ready func(port int) error) (time.Duration, error) {
 	port, err := freePort()
 	if err != nil {
 		return 0, err
 	}
+	console, err := os.CreateTemp("", "banger-raw-console-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(console.Name())
+	defer console.Close()
 	t0 := time.Now()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "microvm", "-m", "512", "-smp", "1",
 		"-nographic", "-no-reboot", "-kernel", files.Kernel, "-initrd", files.Initrd,
 		"-append", "console=ttyS0 root=/dev/vda rw panic=-1 systemd.hostname=peer systemd.machine_id="+rt.MachineID+" "+tscArg(),
-		"-drive", "id=root,file="+rt.Disk.Path+",format=qcow2,if=none,snapshot=on", "-device", "virtio-blk-device,drive=root",
-		"-drive", "id=seed,file="+rt.Seed+",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=seed",
-		"-netdev", fmt.Sprintf("user,id=n0,hostfwd=tcp:127.0.0.1:%d-:22", port), "-device", "virtio-net-device,netdev=n0",
+		"-drive", "id=root,file="+rt.Disk.Path+",format=qcow2,if=none,snapshot=on", "-device", "virtio-blk-device,drive=root,serial=root",
+		"-drive", "id=seed,file="+rt.Seed+",format=raw,if=none,readonly=on", "-device", "virtio-blk-device,drive=seed,serial=seed",
+		"-netdev", fmt.Sprintf("user,id=n0,hostfwd=tcp:127.0.0.1:%d-:22", port), "-device", "virtio-net-device,netdev=n0,mac="+network.MAC(id).String(),
 		"-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0")
+	cmd.Stdout, cmd.Stderr = console, console
 	if err := cmd.Start(); err != nil {
 		return 0, err
 	}
@@ -192,7 +203,8 @@ func rawBoot(ctx context.Context, files BootFiles, rt Runtime, ready func(port i
 		if err := ready(port); err == nil {
 			return time.Since(t0), nil
 		} else if time.Now().After(deadline) {
-			return 0, fmt.Errorf("raw qemu never answered: %w", err)
+			out, _ := os.ReadFile(console.Name())
+			return 0, fmt.Errorf("raw qemu never answered: %w; console ends:\n%s", err, out[max(0, len(out)-3000):])
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
