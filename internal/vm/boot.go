@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/bangerhq/banger/internal/api"
+	"github.com/bangerhq/banger/internal/helperapi"
 	"github.com/bangerhq/banger/internal/network"
 	"github.com/bangerhq/banger/internal/store"
 	"github.com/bangerhq/banger/internal/vmm"
@@ -64,7 +65,9 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 		fromStates[i] = string(f)
 	}
 	runDir := s.Layout.VMRunDir(row.ID)
-	port, err := s.markStarting(ctx, row, rt, runDir, fromStates)
+	rt.clearProcess()
+	jd, notJailed := s.jailable(row, rt)
+	port, err := s.markStarting(ctx, row, rt, runDir, fromStates, jd != nil)
 	if err != nil {
 		return err
 	}
@@ -87,8 +90,7 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 		if len(from) == 1 && from[0] == api.VMCreating {
 			return // Create rolls the whole VM back
 		}
-		rt.Handle, rt.StartedAt = nil, nil
-		rt.Network.SSHHost, rt.Network.SSHPort = "", 0
+		rt.clearProcess()
 		_ = s.changeVM(bg, row, store.VMChange{State: string(api.VMError), Reason: shortReason(err), Runtime: encodeRuntime(rt)})
 	}()
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
@@ -107,8 +109,29 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	}
 
 	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "boot"}, Message: fmt.Sprintf("starting %s (%s)", rt.VMM, rt.Accel)})
+	if jd != nil {
+		crashpoint("start:spawn")
+		var res helperapi.LaunchJailedResult
+		m, res, err = s.launchJailed(ctx, row, rt, jd, files, s.vmmConfig(row, rt, files, runDir, console, port, nil), log)
+		switch {
+		case err == nil:
+			rt.Jailed = true
+			log.Info("firecracker runs jailed", "uid", res.UID, "root", res.Root, "cgroup", res.Cgroup, "limits", res.Limits)
+		case errors.Is(err, helperapi.ErrUnsupported):
+			// The helper runs no jails, or cannot here (no cgroup v2, the
+			// disk on another file system than its jail dir): the VMM runs
+			// as the daemon's user, as without a helper.
+			m, jd, notJailed = nil, nil, err
+		default:
+			return err
+		}
+	}
+	if jd == nil && rt.VMM == vmm.Firecracker {
+		log.Warn("firecracker runs unjailed, as the daemon's user", "why", notJailed)
+		progress(api.Event{Type: "vm.notice", Name: row.Name, Message: "firecracker runs unjailed: " + notJailed.Error()})
+	}
 	var userFwds []api.PortForwardRequest
-	for attempt := 0; ; attempt++ {
+	for attempt, launched := 0, m != nil; !launched; attempt++ {
 		crashpoint("start:spawn")
 		if row.NetMode != NetBridge {
 			// Forwards whose port another program holds are left out
@@ -142,11 +165,16 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 		rt.Creating = false
 	}
 	// The process is recorded once it exists; until then the runtime
-	// directory's intent lets a restarted daemon find and kill it.
+	// directory's intent lets a restarted daemon find and kill it. A
+	// jailed process is the jail's, recorded already: only the helper
+	// may kill it.
+	var intents []store.Resource
+	if !rt.Jailed {
+		intents = []store.Resource{{Kind: resProcess, Ref: processRef(h), Data: mustJSON(h)}}
+	}
 	if err := s.changeVM(ctx, row, store.VMChange{
 		From: []string{string(api.VMStarting)}, State: string(api.VMRunning), Runtime: encodeRuntime(rt),
-		Intents:     []store.Resource{{Kind: resProcess, Ref: processRef(h), Data: mustJSON(h)}},
-		MarkCreated: true,
+		Intents: intents, MarkCreated: true,
 	}); err != nil {
 		return err
 	}
@@ -158,7 +186,7 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 	} else {
 		s.markForwardsActive(row.ID, userFwds)
 	}
-	log.Info("vmm started", "pid", h.PID, "ssh", net.JoinHostPort(rt.Network.SSHHost, strconv.Itoa(rt.Network.SSHPort)))
+	log.Info("vmm started", "pid", h.PID, "jailed", rt.Jailed, "ssh", net.JoinHostPort(rt.Network.SSHHost, strconv.Itoa(rt.Network.SSHPort)))
 	if !opt.wait {
 		return nil
 	}
@@ -172,14 +200,19 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 }
 
 // markStarting moves the VM to starting and records the intents of its
-// runtime directory and, in bridge mode, its tap, or in user mode a free
-// port for SSH, in one commit. The UNIQUE constraint on resources keeps two
-// VMs from taking the same port.
-func (s *Service) markStarting(ctx context.Context, row store.VM, rt Runtime, runDir string, from []string) (int, error) {
+// runtime directory and, in bridge mode, its tap (and its jail, when
+// jailed), or in user mode a free port for SSH, in one commit. The UNIQUE
+// constraint on resources keeps two VMs from taking the same port.
+func (s *Service) markStarting(ctx context.Context, row store.VM, rt Runtime, runDir string, from []string, jailed bool) (int, error) {
 	if row.NetMode == NetBridge {
+		// Released newest first: the jail, which holds the tap, goes
+		// before the tap.
+		intents := []store.Resource{{Kind: resRunDir, Ref: runDir}, {Kind: resTap, Ref: network.TapName(row.ID)}}
+		if jailed {
+			intents = append(intents, store.Resource{Kind: resJail, Ref: row.ID})
+		}
 		return 0, s.changeVM(ctx, row, store.VMChange{
-			From: from, State: string(api.VMStarting), Runtime: encodeRuntime(rt),
-			Intents: []store.Resource{{Kind: resRunDir, Ref: runDir}, {Kind: resTap, Ref: network.TapName(row.ID)}},
+			From: from, State: string(api.VMStarting), Runtime: encodeRuntime(rt), Intents: intents,
 		})
 	}
 	for range 20 {

@@ -37,6 +37,7 @@ type Helper interface {
 	DeleteTap(ctx context.Context, op helperapi.DeleteTap) error
 	DetachLoop(ctx context.Context, op helperapi.DetachLoop) error
 	RemoveSnapshot(ctx context.Context, op helperapi.RemoveSnapshot) error
+	LaunchJailed(ctx context.Context, op helperapi.LaunchJailed) (helperapi.LaunchJailedResult, error)
 	KillJailed(ctx context.Context, op helperapi.KillJailed) error
 	ListOwned(ctx context.Context) (helperapi.ListOwnedResult, error)
 }
@@ -309,7 +310,8 @@ func (s *Service) sweepOwned(ctx context.Context) error {
 		switch r.Kind {
 		case resTap:
 			taps[r.Ref] = true
-		case resProcess:
+		case resProcess, resJail:
+			// A jailed VM's jail resource stands for its process.
 			running[r.VMID] = true
 		}
 	}

@@ -24,12 +24,17 @@ import (
 )
 
 // The test binary also serves as the VMM console logger (vmm.Spawn re-execs
-// the running executable for it) and as a fake Firecracker (fcfake, when
-// its environment says so).
+// the running executable for it), as a fake Firecracker (fcfake, when its
+// environment says so) and as the fake jailer (when run under its name).
 func TestMain(m *testing.M) {
 	vmm.ConsoleLoggerMain()
+	fcfake.JailerMain() // a copy named "jailer" (jail_test.go)
 	fcfake.Main()
-	os.Exit(m.Run())
+	code := m.Run()
+	if jailBins.dir != "" {
+		os.RemoveAll(jailBins.dir)
+	}
+	os.Exit(code)
 }
 
 // env is a VM service over a real store, a real imported default image and

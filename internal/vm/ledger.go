@@ -32,10 +32,11 @@ const (
 	resTap        = "tap"        // ref: the tap (bgr-<id>), made by the helper for one boot
 	resAddress    = "address"    // ref: the guest's IPv4 address on the bridge, for the VM's life
 	resForward    = "forward"    // ref: "tcp:8080"; data: forwardData (forward.go)
+	resJail       = "jail"       // ref: the VM id; banger-helper's jail and the Firecracker in it (jail.go)
 )
 
 // runtimeKinds are released when a VM stops; the rest live until delete.
-var runtimeKinds = []string{resProcess, resPort, resTap, resRunDir}
+var runtimeKinds = []string{resProcess, resPort, resTap, resJail, resRunDir}
 
 // Intents are recorded in the same commit as the lifecycle step that is
 // about to create them (store.VMChange), so a step costs one durable write.
@@ -92,6 +93,8 @@ func (s *Service) releaseOne(ctx context.Context, r store.Resource) error {
 		err = killHandle(r.Ref)
 	case resTap:
 		err = s.deleteTap(ctx, r.Ref)
+	case resJail:
+		err = s.releaseJail(ctx, r.Ref)
 	case resAddress:
 		// Nothing on the host: the row is the allocation.
 	case resForward:

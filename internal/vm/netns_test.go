@@ -27,6 +27,7 @@ import (
 	"github.com/bangerhq/banger/internal/image/imagetest"
 	"github.com/bangerhq/banger/internal/network"
 	"github.com/bangerhq/banger/internal/testutil"
+	"github.com/bangerhq/banger/internal/vmm"
 )
 
 // Bridge-mode tests never touch the host's network. The test creates a
@@ -187,11 +188,13 @@ type bridgeEnv struct {
 	helper *helperapi.Client
 	subnet network.Subnet
 	bridge BridgeConfig
+	// drivers are added to every service newService builds.
+	drivers map[vmm.Kind]vmm.Driver
 }
 
-// newBridgeEnv starts the helper and a bridge-mode VM service. It must run
-// in a child rerunInNetNS started.
-func newBridgeEnv(t testing.TB, ns string) *bridgeEnv {
+// newBridgeEnv starts the helper, changed by configure if given, and a
+// bridge-mode VM service. It must run in a child rerunInNetNS started.
+func newBridgeEnv(t testing.TB, ns string, configure ...func(*helper.Config)) *bridgeEnv {
 	t.Helper()
 	images := imagetest.NewService(t)
 	imagetest.ImportDefault(t, images, image.DefaultImageName)
@@ -201,7 +204,7 @@ func newBridgeEnv(t testing.TB, ns string) *bridgeEnv {
 	}
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	sock := filepath.Join(sockDir, "helper.sock")
-	srv, err := helper.New(helper.Config{
+	hcfg := helper.Config{
 		OwnerUID: testOwner,
 		StateDir: images.Layout.StateDir,
 		Socket:   sock,
@@ -210,7 +213,11 @@ func newBridgeEnv(t testing.TB, ns string) *bridgeEnv {
 		// systemd-resolved too.
 		NetNS:  "/run/netns/" + ns,
 		Logger: testLogger(t).With("component", "helper"),
-	})
+	}
+	for _, c := range configure {
+		c(&hcfg)
+	}
+	srv, err := helper.New(hcfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -266,6 +273,9 @@ func (be *bridgeEnv) newService(t testing.TB) *Service {
 	svc := newService(t, be.images)
 	cfg := be.bridge
 	svc.Bridge = &cfg
+	for k, d := range be.drivers {
+		svc.Drivers[k] = d
+	}
 	return svc
 }
 

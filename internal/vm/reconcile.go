@@ -14,7 +14,8 @@ import (
 // Reconcile runs when the daemon starts. VMs left mid-create or mid-delete
 // are rolled back or finished; VMs that were running are re-attached (they
 // kept running while the daemon was down, and get their port forwards
-// served again) or, if their VMM is gone, marked and cleaned up;
+// served again; a jailed one with kills through banger-helper) or, if
+// their VMM is gone, marked and cleaned up (a jail released with them);
 // directories no row knows are removed, and so are the taps, loop devices,
 // snapshots and jails the helper lists that no VM holds. After it, the
 // store and the host agree.
@@ -56,31 +57,28 @@ func (s *Service) reconcileOne(ctx context.Context, row store.VM) error {
 			return err
 		}
 		if rt.Handle != nil {
-			if drv, ok := s.Drivers[rt.Handle.Kind]; ok {
-				m, err := drv.Attach(ctx, *rt.Handle, log)
-				if err == nil {
-					s.setMachine(row.ID, m)
-					s.supervise(row, m)
-					if row.State != string(api.VMStopping) {
-						s.startForwards(ctx, row, rt, m, true, nil)
-					}
-					if row.State == string(api.VMStopping) {
-						s.resumeStop(row, m)
-					} else if row.State == string(api.VMStarting) {
-						_ = s.setState(ctx, row, api.VMRunning, "", api.VMStarting)
-					}
-					log.Info("re-attached to running vm", "pid", rt.Handle.PID)
-					return nil
+			m, err := s.attach(ctx, row, rt, log)
+			if err == nil {
+				s.setMachine(row.ID, m)
+				s.supervise(row, m)
+				if row.State != string(api.VMStopping) {
+					s.startForwards(ctx, row, rt, m, true, nil)
 				}
-				log.Info("vmm is gone", "err", err)
+				if row.State == string(api.VMStopping) {
+					s.resumeStop(row, m)
+				} else if row.State == string(api.VMStarting) {
+					_ = s.setState(ctx, row, api.VMRunning, "", api.VMStarting)
+				}
+				log.Info("re-attached to running vm", "pid", rt.Handle.PID, "jailed", rt.Jailed)
+				return nil
 			}
+			log.Info("vmm is gone", "err", err)
 		}
 		if err := s.release(ctx, row.ID, runtimeKinds...); err != nil {
 			return err
 		}
 		killProcessesUsing(s.Layout.VMRunDir(row.ID))
-		rt.Handle, rt.StartedAt = nil, nil
-		rt.Network.SSHHost, rt.Network.SSHPort = "", 0
+		rt.clearProcess()
 		if err := s.saveRuntime(ctx, row.ID, rt); err != nil {
 			return err
 		}

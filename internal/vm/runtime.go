@@ -19,7 +19,11 @@ type Runtime struct {
 	Accel vmm.Accel `json:"accel,omitempty"`
 	// Handle identifies the running VMM process; nil when stopped.
 	Handle *vmm.Handle `json:"handle,omitempty"`
-	Disk   Disk        `json:"disk"`
+	// Jailed says the running VMM is a Firecracker banger-helper launched
+	// under the jailer: it runs as another uid, so it is re-attached,
+	// killed and released through the helper (jail.go).
+	Jailed bool `json:"jailed,omitempty"`
+	Disk   Disk `json:"disk"`
 	// Seed is a small ext4 disk holding the VM's identity, for clones the
 	// daemon cannot write into (qcow2 overlays, dm-snapshots); the image's
 	// banger-seed.service applies it at boot. Empty when the identity was
@@ -39,6 +43,13 @@ type Disk struct {
 	Path     string              `json:"path"`
 	Format   image.DiskFormat    `json:"format"`
 	Strategy image.CloneStrategy `json:"strategy"`
+}
+
+// clearProcess forgets the VMM process and how to reach its guest, once it
+// is gone.
+func (rt *Runtime) clearProcess() {
+	rt.Handle, rt.StartedAt, rt.Jailed = nil, nil, false
+	rt.Network.SSHHost, rt.Network.SSHPort = "", 0
 }
 
 func decodeRuntime(b []byte) (Runtime, error) {

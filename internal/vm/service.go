@@ -227,6 +227,9 @@ func toAPI(r store.VM) (api.VM, error) {
 		if rt.Accel == vmm.TCG {
 			vmmName += "/tcg"
 		}
+		if rt.Jailed {
+			vmmName += "/jailed" // set only while it runs
+		}
 	}
 	return api.VM{
 		ID: r.ID, Name: r.Name, Image: r.ImageName, VMM: vmmName,

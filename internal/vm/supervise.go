@@ -51,8 +51,7 @@ func (s *Service) handleExitLocked(ctx context.Context, row store.VM, m vmm.Mach
 		log.Error("release runtime resources", "err", err)
 	}
 	if rt, err := decodeRuntime(cur.Runtime); err == nil {
-		rt.Handle, rt.StartedAt = nil, nil
-		rt.Network.SSHHost, rt.Network.SSHPort = "", 0
+		rt.clearProcess()
 		_ = s.saveRuntime(ctx, row.ID, rt)
 	}
 	if !slices.Contains([]string{string(api.VMDeleting), string(api.VMCreating)}, cur.State) {
