@@ -63,7 +63,12 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config, log *slog.Logger) (v
 	if err != nil {
 		return nil, err
 	}
-	return d.launch(ctx, cfg, plan.vsockPath(), log, plan.apply)
+	m, err := d.launch(ctx, cfg, plan.vsockPath(), log, plan.apply)
+	if err != nil {
+		// A nil *Machine in the interface would not compare equal to nil.
+		return nil, err
+	}
+	return m, nil
 }
 
 // Restore is a snapshot to load into a fresh Firecracker process.

@@ -219,10 +219,13 @@ func TestStartUndoOnFailure(t *testing.T) {
 	t.Setenv(fcfake.EnvNoKVM, "1")
 	dir := shortDir(t)
 	cfg := testConfig(t, dir)
-	_, err := d.Start(t.Context(), cfg, testLogger(t))
+	failed, err := d.Start(t.Context(), cfg, testLogger(t))
 	var apiErr *APIError
 	if !errors.As(err, &apiErr) || apiErr.Status != 400 || !strings.Contains(apiErr.FaultMessage, "Kvm error") {
 		t.Fatalf("start: %v, want the InstanceStart KVM fault", err)
+	}
+	if failed != nil { // a typed nil would make callers kill a machine that is not there
+		t.Errorf("failed start returned machine %#v, want nil", failed)
 	}
 	if !strings.HasPrefix(err.Error(), "start instance: ") {
 		t.Errorf("error %q does not name the step", err)
