@@ -230,7 +230,7 @@ func (s *Service) usedAddresses(ctx context.Context) ([]netip.Addr, error) {
 // bridgeUnavailable explains why a bridge-mode VM cannot boot.
 func bridgeUnavailable(name string, err error) error {
 	return api.Errorf(api.CodeFailedPrecondition, "vm %q uses bridge networking, and %v", name, err).
-		WithHint("start banger-helper (banger system install sets it up), then retry")
+		WithHint("start banger-helper as root (README, \"Bridge networking\"), then retry")
 }
 
 // makeTap makes the VM's tap on the bridge for one boot. A tap left from

@@ -179,7 +179,7 @@ func (s *Service) chooseVMM(ctx context.Context, want string, bridged bool, prog
 		// bridge, which only the root helper can make.
 		if !bridged {
 			return "", "", api.Errorf(api.CodeFailedPrecondition, "firecracker VMs need bridge networking through banger-helper, which is not answering").
-				WithHint("install the helper with banger system install, or use --vmm qemu")
+				WithHint("start banger-helper as root (README, \"Bridge networking\"), or use --vmm qemu")
 		}
 		return vmm.Firecracker, vmm.KVM, nil
 	case "auto", "qemu":
