@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 
 	"golang.org/x/crypto/ssh"
 
@@ -129,12 +130,31 @@ func (s *Service) Create(ctx context.Context, req api.VMCreateRequest, progress 
 	})
 	crashpoint("create:row")
 
-	if err := s.makeDisk(ctx, row, rt, cloner, files, progress); err != nil {
-		return api.VM{}, err
+	if err := os.Mkdir(s.Layout.VMDir(row.ID), 0o700); err != nil {
+		return api.VM{}, fmt.Errorf("make vm directory: %w", err)
 	}
-	crashpoint("create:disk")
-	if err := s.writeIdentity(ctx, row, &rt, progress); err != nil {
-		return api.VM{}, err
+	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "disk"}, Message: "cloning the image's disk (" + string(rt.Disk.Strategy) + ")"})
+	if identityInClone(rt.Disk) {
+		if err := s.makeDisk(ctx, row, rt, cloner, files); err != nil {
+			return api.VM{}, err
+		}
+		crashpoint("create:disk")
+		if err := s.writeIdentity(ctx, row, &rt, progress); err != nil {
+			return api.VM{}, err
+		}
+	} else {
+		// The identity goes to a seed disk of its own: write it (keys,
+		// known_hosts, seed, each synced) while the disk is cloned.
+		diskRT := rt
+		var diskErr error
+		var wg sync.WaitGroup
+		wg.Go(func() { diskErr = s.makeDisk(ctx, row, diskRT, cloner, files) })
+		idErr := s.writeIdentity(ctx, row, &rt, progress)
+		wg.Wait()
+		if err := errors.Join(diskErr, idErr); err != nil {
+			return api.VM{}, err
+		}
+		crashpoint("create:disk")
 	}
 	crashpoint("create:identity")
 
@@ -237,13 +257,10 @@ func identityInClone(d Disk) bool {
 	return d.Format == image.DiskRaw && d.Strategy != image.CloneDMSnapshot
 }
 
-// makeDisk clones the image's rootfs into the VM's directory and grows it
-// to the requested size.
-func (s *Service) makeDisk(ctx context.Context, row store.VM, rt Runtime, cloner image.Cloner, files BootFiles, progress ProgressFunc) error {
-	if err := os.Mkdir(s.Layout.VMDir(row.ID), 0o700); err != nil {
-		return fmt.Errorf("make vm directory: %w", err)
-	}
-	progress(api.Event{Type: "vm.progress", Name: row.Name, Progress: &api.Progress{Step: "disk"}, Message: "cloning the image's disk (" + string(rt.Disk.Strategy) + ")"})
+// makeDisk clones the image's rootfs into the VM's (existing) directory and
+// grows it to the requested size. It may run beside writeIdentity, so it
+// reports no progress of its own.
+func (s *Service) makeDisk(ctx context.Context, row store.VM, rt Runtime, cloner image.Cloner, files BootFiles) error {
 	if err := cloner.Clone(ctx, files.Rootfs, rt.Disk.Path); err != nil {
 		return fmt.Errorf("make disk: %w", err)
 	}
