@@ -581,6 +581,17 @@ func TestBridgeCrashDuringCreate(t *testing.T) {
 // service over the test's layout and helper that creates one VM and dies
 // at the crash point the environment names.
 func crashingCreate(t *testing.T, raw string) {
+	svc, cs := crashBridgeService(t, raw, 10055)
+	// A create that waits for SSH: until it returns, the VM is one to roll
+	// back (with NoWait the create is over once the VMM runs).
+	_, err := svc.Create(context.Background(), api.VMCreateRequest{Name: cs.Name, CPUs: 1, MemoryBytes: 512 * api.MiB}, nil)
+	t.Fatalf("create returned (%v) instead of dying at %s", err, crashAt)
+}
+
+// crashBridgeService is the VM service of a process a crash test kills:
+// over the layout and helper socket the test passed in raw, with bridge
+// networking on and its DNS server on dnsPort.
+func crashBridgeService(t *testing.T, raw string, dnsPort uint16) (*Service, crashSetup) {
 	var cs crashSetup
 	if err := json.Unmarshal([]byte(raw), &cs); err != nil {
 		t.Fatal(err)
@@ -589,17 +600,14 @@ func crashingCreate(t *testing.T, raw string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	t.Cleanup(func() { st.Close() })
 	images := &image.Service{Store: st, Layout: cs.Layout, Defaults: config.Default().Image, Log: testLogger(t)}
 	svc := newService(t, images)
 	sub, _ := network.ParseSubnet(network.DefaultCIDR)
 	svc.Bridge = &BridgeConfig{Helper: &helperapi.Client{Socket: cs.Socket}, Bridge: network.DefaultBridge, Subnet: sub,
-		DNSPort: 10055, OwnerUID: testOwner, SharedStateDir: true}
+		DNSPort: dnsPort, OwnerUID: testOwner, SharedStateDir: true}
 	if err := svc.EnableBridge(t.Context()); err != nil {
 		t.Fatal(err)
 	}
-	// A create that waits for SSH: until it returns, the VM is one to roll
-	// back (with NoWait the create is over once the VMM runs).
-	_, err = svc.Create(context.Background(), api.VMCreateRequest{Name: cs.Name, CPUs: 1, MemoryBytes: 512 * api.MiB}, nil)
-	t.Fatalf("create returned (%v) instead of dying at %s", err, crashAt)
+	return svc, cs
 }

@@ -21,12 +21,10 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/bangerhq/banger/internal/api"
-	"github.com/bangerhq/banger/internal/config"
 	"github.com/bangerhq/banger/internal/helper"
 	"github.com/bangerhq/banger/internal/helperapi"
 	"github.com/bangerhq/banger/internal/image"
 	"github.com/bangerhq/banger/internal/image/imagetest"
-	"github.com/bangerhq/banger/internal/network"
 	"github.com/bangerhq/banger/internal/paths"
 	"github.com/bangerhq/banger/internal/store"
 	"github.com/bangerhq/banger/internal/testutil"
@@ -492,25 +490,9 @@ func TestJailedCrash(t *testing.T) {
 // the test's layout and helper creating one jailed VM, waiting for SSH (so
 // that until the crash the VM is one to roll back).
 func crashingJailedCreate(t *testing.T, raw string) {
-	var cs crashSetup
-	if err := json.Unmarshal([]byte(raw), &cs); err != nil {
-		t.Fatal(err)
-	}
-	st, err := store.Open(context.Background(), cs.Layout.DB(), store.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	images := &image.Service{Store: st, Layout: cs.Layout, Defaults: config.Default().Image, Log: testLogger(t)}
-	svc := newService(t, images)
+	svc, cs := crashBridgeService(t, raw, 10056)
 	svc.Drivers[vmm.Firecracker] = &firecracker.Driver{}
-	sub, _ := network.ParseSubnet(network.DefaultCIDR)
-	svc.Bridge = &BridgeConfig{Helper: &helperapi.Client{Socket: cs.Socket}, Bridge: network.DefaultBridge, Subnet: sub,
-		DNSPort: 10056, OwnerUID: testOwner, SharedStateDir: true}
-	if err := svc.EnableBridge(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	_, err = svc.Create(context.Background(), api.VMCreateRequest{Name: cs.Name, VMM: "firecracker", CPUs: 1, MemoryBytes: 512 * api.MiB}, nil)
+	_, err := svc.Create(context.Background(), api.VMCreateRequest{Name: cs.Name, VMM: "firecracker", CPUs: 1, MemoryBytes: 512 * api.MiB}, nil)
 	t.Fatalf("create returned (%v) instead of dying at %s", err, crashAt)
 }
 
