@@ -84,8 +84,12 @@ func TestFrameErrors(t *testing.T) {
 // panic, and never hand out a payload over the limit.
 func FuzzFrameReader(f *testing.F) {
 	var seed bytes.Buffer
-	WriteFrame(&seed, FrameStdin, []byte("abc"))
-	WriteFrame(&seed, FrameResize, EncodeResize(24, 80))
+	if err := WriteFrame(&seed, FrameStdin, []byte("abc")); err != nil {
+		f.Fatal(err)
+	}
+	if err := WriteFrame(&seed, FrameResize, EncodeResize(24, 80)); err != nil {
+		f.Fatal(err)
+	}
 	f.Add(seed.Bytes())
 	f.Add([]byte{3, 0, 0, 0, 4, 0, 1, 0, 2})
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0xff})

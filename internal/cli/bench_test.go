@@ -38,7 +38,7 @@ func BenchmarkVMListProcess(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer syscall.Kill(v.PID, syscall.SIGTERM)
+	defer func() { _ = syscall.Kill(v.PID, syscall.SIGTERM) }()
 	median := func(f func()) time.Duration {
 		ds := make([]time.Duration, 0, b.N)
 		for range b.N {

@@ -162,7 +162,7 @@ func (a *app) startDaemon(ctx context.Context, l paths.Layout) error {
 	w.Close()
 	pid := cmd.Process.Pid
 	// Reap it if it dies while we wait; once it serves it outlives us.
-	go cmd.Wait()
+	go func() { _ = cmd.Wait() }()
 	msg, err := readReady(ctx, r, startTimeout)
 	switch {
 	case err != nil:
@@ -182,9 +182,9 @@ func readReady(ctx context.Context, r *os.File, timeout time.Duration) (string, 
 	ch := make(chan result, 1)
 	go func() {
 		line, err := bufio.NewReader(r).ReadString('\n')
-		if err == io.EOF && line == "" {
+		if errors.Is(err, io.EOF) && line == "" {
 			err = errors.New("it exited without reporting")
-		} else if err == io.EOF {
+		} else if errors.Is(err, io.EOF) {
 			err = nil
 		}
 		ch <- result{strings.TrimSpace(line), err}
@@ -211,7 +211,7 @@ func (a *app) restartDaemon(ctx context.Context, c *client.Client, l paths.Layou
 	if err := a.startDaemon(ctx, l); err != nil {
 		return err
 	}
-	fmt.Fprintf(a.stderr, "banger: restarted bangerd (%s; was %s, built %s)\n", why, short(dv.Commit), dv.BuiltAt)
+	_, _ = fmt.Fprintf(a.stderr, "banger: restarted bangerd (%s; was %s, built %s)\n", why, short(dv.Commit), dv.BuiltAt)
 	return nil
 }
 
@@ -224,7 +224,7 @@ func waitExit(ctx context.Context, pid int, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	deadline := time.Now().Add(timeout)
 	for {
 		ms := int(time.Until(deadline) / time.Millisecond)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,7 +37,8 @@ func bin(t *testing.T, env []string, exe string, args ...string) (string, string
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
 	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
 		code = ee.ExitCode()
 	} else if err != nil {
 		t.Fatalf("%s %v: %v", exe, args, err)
@@ -51,7 +53,7 @@ func stopDaemon(t *testing.T, home string) {
 	if err != nil {
 		return
 	}
-	c.Shutdown(context.Background(), api.ShutdownRequest{Reason: "test cleanup"})
+	_, _ = c.Shutdown(context.Background(), api.ShutdownRequest{Reason: "test cleanup"})
 	testutil.WaitFor(t, 20*time.Second, "daemon to exit", func() bool {
 		return syscall.Kill(v.PID, 0) != nil
 	})
@@ -159,7 +161,7 @@ func TestCheckMigrationsBinary(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			defer raw.Close()
+			defer func() { _ = raw.Close() }()
 			_, err = raw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`)
 			return err
 		}, 2, "incompatible: database has migrations [99] unknown to this binary"},

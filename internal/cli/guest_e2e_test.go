@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -64,7 +65,8 @@ func (e *vmEnv) cmd(stdin io.Reader, exe string, args ...string) result {
 	c.Stdout, c.Stderr = &out, &errb
 	err := c.Run()
 	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
 		code = ee.ExitCode()
 	} else if err != nil {
 		e.t.Fatalf("%s %v: %v", exe, args, err)
@@ -105,10 +107,12 @@ func newVMEnv(t testing.TB, prepare func(home string)) *vmEnv {
 	t.Cleanup(func() {
 		e.run(nil, "vm", "delete", "--force", e.vm)
 		shutdown(home)
-		os.RemoveAll(home)
+		_ = os.RemoveAll(home)
 	})
 	cfg := filepath.Join(home, "config", "banger", "config.toml")
-	os.MkdirAll(filepath.Dir(cfg), 0o700)
+	if err := os.MkdirAll(filepath.Dir(cfg), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(cfg, []byte(`[vm]
 cpus = 2
 memory = "1GiB"
@@ -146,7 +150,7 @@ func shutdown(home string) {
 	if err != nil {
 		return
 	}
-	c.Shutdown(context.Background(), api.ShutdownRequest{Reason: "test cleanup"})
+	_, _ = c.Shutdown(context.Background(), api.ShutdownRequest{Reason: "test cleanup"})
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if syscall.Kill(v.PID, 0) != nil {
 			return
@@ -170,7 +174,9 @@ func writeFile(t testing.TB, p, data string, mode os.FileMode) {
 	if err := os.WriteFile(p, []byte(data), mode); err != nil {
 		t.Fatal(err)
 	}
-	os.Chmod(p, mode)
+	if err := os.Chmod(p, mode); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func randomFile(t testing.TB, p string, size int64) string {
@@ -249,10 +255,10 @@ func TestGuestEndToEnd(t *testing.T) {
 		}
 		br := bufio.NewReader(out)
 		if line, _ := br.ReadString('\n'); line != "ready\n" {
-			c.Process.Kill()
+			_ = c.Process.Kill()
 			t.Fatalf("first line %q", line)
 		}
-		c.Process.Signal(os.Interrupt)
+		_ = c.Process.Signal(os.Interrupt)
 		rest, _ := io.ReadAll(br)
 		err = c.Wait()
 		if code := c.ProcessState.ExitCode(); code != 3 || string(rest) != "got-int\n" {
@@ -290,7 +296,7 @@ func TestGuestEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		time.Sleep(time.Second)
-		master.Write([]byte("\r"))
+		_, _ = master.Write([]byte("\r"))
 		if l := readLine(); l != "40 120" {
 			t.Fatalf("size after the resize %q, want 40 120", l)
 		}
@@ -325,9 +331,13 @@ func TestGuestEndToEnd(t *testing.T) {
 		}{{"bin/tool", 0o755}, {"secret/key", 0o600}, {"ro.txt", 0o444}, {"a/b/c/deep", 0o640}} {
 			p := filepath.Join(src, f.p)
 			writeFile(t, p, strings.Repeat(f.p, i+1), f.mode)
-			os.Chtimes(p, old, old.Add(time.Duration(i)*time.Hour))
+			if err := os.Chtimes(p, old, old.Add(time.Duration(i)*time.Hour)); err != nil {
+				t.Fatal(err)
+			}
 		}
-		os.Chmod(filepath.Join(src, "secret"), 0o700)
+		if err := os.Chmod(filepath.Join(src, "secret"), 0o700); err != nil {
+			t.Fatal(err)
+		}
 		want := localListing(t, src)
 		e.must(nil, "vm", "cp", "-r", src, e.vm+":/root/")
 		// The guest's own view: mode, mtime and size of every file.
@@ -365,7 +375,7 @@ func TestGuestEndToEnd(t *testing.T) {
 		writeFile(t, filepath.Join(e.home, "proj", "main.go"), "package main\n\nfunc main() {}\n", 0o644)
 		writeFile(t, filepath.Join(e.home, "proj", "lib", "b.go"), "package lib\n", 0o644)
 		writeFile(t, filepath.Join(e.home, "proj", "more.log"), "ignored\n", 0o644)
-		os.Remove(filepath.Join(e.home, "proj", "run.sh"))
+		_ = os.Remove(filepath.Join(e.home, "proj", "run.sh"))
 		rep = e.syncReport()
 		if rep.Uploaded != 2 || rep.Deleted != 1 || rep.Unchanged != 3 {
 			t.Fatalf("sync after 1 edit, 1 new, 1 ignored, 1 deleted: %+v", rep)
@@ -385,8 +395,8 @@ func TestGuestEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer func() {
-			c.Process.Signal(os.Interrupt)
-			c.Wait()
+			_ = c.Process.Signal(os.Interrupt)
+			_ = c.Wait()
 		}()
 		testutil.WaitFor(t, time.Minute, "the watch to start", func() bool { return strings.Contains(errb.String(), "watching") })
 		writeFile(t, filepath.Join(e.home, "proj", "lib", "watched.go"), "package lib // watched\n", 0o644)
@@ -406,8 +416,10 @@ func TestGuestEndToEnd(t *testing.T) {
 
 	t.Run("sync refuses paths outside the home", func(t *testing.T) {
 		e.t = t
-		os.Symlink("/etc/shadow", filepath.Join(e.home, "proj", "shadow"))
-		defer os.Remove(filepath.Join(e.home, "proj", "shadow"))
+		if err := os.Symlink("/etc/shadow", filepath.Join(e.home, "proj", "shadow")); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { _ = os.Remove(filepath.Join(e.home, "proj", "shadow")) }()
 		r := e.run(nil, "vm", "sync", e.vm)
 		if r.code == 0 || !strings.Contains(r.err, "/etc/shadow") || !strings.Contains(r.err, "outside the owner's home") {
 			t.Fatalf("sync with a symlink to /etc/shadow: exit %d, %q", r.code, r.err)
@@ -517,7 +529,7 @@ func openPTY(t *testing.T, rows, cols uint16) (master, slave *os.File) {
 func localListing(t *testing.T, root string) string {
 	t.Helper()
 	var lines []string
-	filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+	if err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil || p == root {
 			return err
 		}
@@ -531,7 +543,9 @@ func localListing(t *testing.T, root string) string {
 		}
 		lines = append(lines, line)
 		return nil
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n"
 }

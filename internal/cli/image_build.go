@@ -55,7 +55,7 @@ anything. --customize scripts run inside the new root filesystem, in order.`,
 			if f.json {
 				return printJSON(a.stdout, im)
 			}
-			fmt.Fprintf(a.stdout, "image %s built (%s)\n", im.Name, api.FormatSize(im.SizeBytes))
+			_, _ = fmt.Fprintf(a.stdout, "image %s built (%s)\n", im.Name, api.FormatSize(im.SizeBytes))
 			return nil
 		},
 	}
@@ -111,7 +111,7 @@ func (a *app) newImageImportCmd() *cobra.Command {
 			if f.json {
 				return printJSON(a.stdout, im)
 			}
-			fmt.Fprintf(a.stdout, "image %s imported (%s)\n", im.Name, api.FormatSize(im.SizeBytes))
+			_, _ = fmt.Fprintf(a.stdout, "image %s imported (%s)\n", im.Name, api.FormatSize(im.SizeBytes))
 			return nil
 		},
 	}
@@ -145,10 +145,10 @@ func (a *app) newImageShowCmd() *cobra.Command {
 			if f.json {
 				return printJSON(a.stdout, im)
 			}
-			fmt.Fprintf(a.stdout, "name:    %s\nid:      %s\nsource:  %s\nsize:    %s\ncreated: %s\n", im.Name, im.ID, im.Source,
+			_, _ = fmt.Fprintf(a.stdout, "name:    %s\nid:      %s\nsource:  %s\nsize:    %s\ncreated: %s\n", im.Name, im.ID, im.Source,
 				api.FormatSize(im.SizeBytes), im.CreatedAt.Local().Format("2006-01-02 15:04:05"))
 			if im.Recipe != nil {
-				fmt.Fprintf(a.stdout, "recipe:  %s from %s, %d packages, hash %s\n", im.Recipe.Suite, im.Recipe.Mirror, len(im.Recipe.Packages), short(im.Recipe.RecipeHash))
+				_, _ = fmt.Fprintf(a.stdout, "recipe:  %s from %s, %d packages, hash %s\n", im.Recipe.Suite, im.Recipe.Mirror, len(im.Recipe.Packages), short(im.Recipe.RecipeHash))
 			}
 			t := newTable(a.stdout, "ROLE", "FILE", "SIZE", "SHA256")
 			for _, file := range im.Files {
@@ -178,7 +178,7 @@ func (a *app) newImageDeleteCmd() *cobra.Command {
 					errs = append(errs, fmt.Errorf("%s: %w", n, err))
 					continue
 				}
-				fmt.Fprintf(a.stdout, "%s: deleted\n", n)
+				_, _ = fmt.Fprintf(a.stdout, "%s: deleted\n", n)
 			}
 			return errors.Join(errs...)
 		},

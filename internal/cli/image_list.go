@@ -39,7 +39,7 @@ func (a *app) newImageListCmd() *cobra.Command {
 
 func renderImages(a *app, ims []api.Image) error {
 	if len(ims) == 0 {
-		fmt.Fprintln(a.stderr, "no images yet (hint: banger image build default)")
+		_, _ = fmt.Fprintln(a.stderr, "no images yet (hint: banger image build default)")
 		return nil
 	}
 	now := time.Now()

@@ -25,7 +25,7 @@ func newTable(w io.Writer, headers ...string) *table {
 	return t
 }
 
-func (t *table) row(cols ...string) { fmt.Fprintln(t.tw, strings.Join(cols, "\t")) }
+func (t *table) row(cols ...string) { _, _ = fmt.Fprintln(t.tw, strings.Join(cols, "\t")) }
 
 func (t *table) flush() error { return t.tw.Flush() }
 

@@ -49,11 +49,11 @@ func (p *progressView) event(e api.Event) {
 	if !p.tty {
 		switch {
 		case e.Message != "" && step != "":
-			fmt.Fprintf(p.w, "%s: %s\n", step, e.Message)
+			_, _ = fmt.Fprintf(p.w, "%s: %s\n", step, e.Message)
 		case e.Message != "":
-			fmt.Fprintln(p.w, e.Message)
+			_, _ = fmt.Fprintln(p.w, e.Message)
 		case step != "" && step != p.step:
-			fmt.Fprintf(p.w, "%s\n", step)
+			_, _ = fmt.Fprintf(p.w, "%s\n", step)
 		}
 		if step != "" {
 			p.step = step
@@ -73,16 +73,16 @@ func (p *progressView) event(e api.Event) {
 	if e.Type == "vm.notice" {
 		// Notices stay on screen.
 		p.clearLocked()
-		fmt.Fprintln(p.w, "note: "+e.Message)
+		_, _ = fmt.Fprintln(p.w, "note: "+e.Message)
 		return
 	}
-	fmt.Fprint(p.w, "\r\033[K"+truncate(line, 120))
+	_, _ = fmt.Fprint(p.w, "\r\033[K"+truncate(line, 120))
 	p.drawn = true
 }
 
 func (p *progressView) clearLocked() {
 	if p.drawn {
-		fmt.Fprint(p.w, "\r\033[K")
+		_, _ = fmt.Fprint(p.w, "\r\033[K")
 		p.drawn = false
 	}
 }

@@ -57,7 +57,7 @@ func Run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	if errors.As(err, &ee) {
 		return ee.code
 	}
-	fmt.Fprintln(stderr, "banger:", err)
+	_, _ = fmt.Fprintln(stderr, "banger:", err)
 	var ae *api.Error
 	if errors.As(err, &ae) && ae.Code == api.CodeInvalidArgument {
 		return 2

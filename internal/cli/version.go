@@ -28,11 +28,11 @@ func (a *app) newVersionCmd() *cobra.Command {
 func (a *app) version(ctx context.Context) error {
 	v := version.Get()
 	tw := tabwriter.NewWriter(a.stdout, 0, 0, 1, ' ', 0)
-	fmt.Fprintf(tw, "version:\t%s\n", v.Version)
-	fmt.Fprintf(tw, "commit:\t%s\n", v.Commit)
-	fmt.Fprintf(tw, "built_at:\t%s\n", v.BuiltAt)
-	fmt.Fprintf(tw, "go:\t%s\n", v.GoVersion)
-	fmt.Fprintf(tw, "platform:\t%s\n", v.Platform)
+	_, _ = fmt.Fprintf(tw, "version:\t%s\n", v.Version)
+	_, _ = fmt.Fprintf(tw, "commit:\t%s\n", v.Commit)
+	_, _ = fmt.Fprintf(tw, "built_at:\t%s\n", v.BuiltAt)
+	_, _ = fmt.Fprintf(tw, "go:\t%s\n", v.GoVersion)
+	_, _ = fmt.Fprintf(tw, "platform:\t%s\n", v.Platform)
 	daemon := "not running"
 	if l, err := a.layout(); err == nil {
 		ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
@@ -43,7 +43,7 @@ func (a *app) version(ctx context.Context) error {
 			daemon = "not answering: " + err.Error()
 		}
 	}
-	fmt.Fprintf(tw, "daemon:\t%s\n", daemon)
+	_, _ = fmt.Fprintf(tw, "daemon:\t%s\n", daemon)
 	return tw.Flush()
 }
 

@@ -147,14 +147,14 @@ func dialSFTP(ctx context.Context, c *client.Client, vm string) (*sftp.Client, f
 	}
 	s, err := guest.NewSFTP(conn)
 	if err != nil {
-		conn.Close()
+		_ = conn.Close()
 		return nil, nil, fmt.Errorf("%s: %w", vm, err)
 	}
 	var once sync.Once
 	return s, func() {
 		once.Do(func() {
-			s.Close()
-			conn.Close()
+			_ = s.Close()
+			_ = conn.Close()
 		})
 	}, nil
 }

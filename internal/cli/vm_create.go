@@ -89,17 +89,17 @@ func printVMReady(a *app, v api.VM, ready bool) {
 	if ready {
 		state = "running, SSH ready"
 	}
-	fmt.Fprintf(a.stdout, "VM %s is %s (%s, %d CPUs, %s memory, %s disk)\n", v.Name, state, v.VMM, v.CPUs,
+	_, _ = fmt.Fprintf(a.stdout, "VM %s is %s (%s, %d CPUs, %s memory, %s disk)\n", v.Name, state, v.VMM, v.CPUs,
 		api.FormatSize(v.MemoryBytes), api.FormatSize(v.DiskBytes))
 	if v.Network.IP != "" {
-		fmt.Fprintf(a.stdout, "  address: %s (%s.banger)\n", v.Network.IP, v.Name)
+		_, _ = fmt.Fprintf(a.stdout, "  address: %s (%s.banger)\n", v.Network.IP, v.Name)
 	}
 	if v.Network.SSHPort != 0 {
-		fmt.Fprintf(a.stdout, "  ssh:     %s:%d\n", v.Network.SSHHost, v.Network.SSHPort)
+		_, _ = fmt.Fprintf(a.stdout, "  ssh:     %s:%d\n", v.Network.SSHHost, v.Network.SSHPort)
 	}
 	if v.State == api.VMRunning {
-		fmt.Fprintf(a.stdout, "  connect: banger vm ssh %s\n", v.Name)
+		_, _ = fmt.Fprintf(a.stdout, "  connect: banger vm ssh %s\n", v.Name)
 	} else {
-		fmt.Fprintf(a.stdout, "  start:   banger vm start %s\n", v.Name)
+		_, _ = fmt.Fprintf(a.stdout, "  start:   banger vm start %s\n", v.Name)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"database/sql"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -70,7 +71,8 @@ func (w *world) tryEnv(extra []string, args ...string) (string, string, int) {
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()
 	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
 		code = ee.ExitCode()
 	} else if err != nil {
 		w.t.Fatalf("banger %v: %v", args, err)
@@ -103,7 +105,7 @@ func (w *world) db() *sql.DB {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	w.t.Cleanup(func() { db.Close() })
+	w.t.Cleanup(func() { _ = db.Close() })
 	return db
 }
 
@@ -134,11 +136,15 @@ func (w *world) leaks(id string) []string {
 	}
 	db := w.db()
 	var n int
-	db.QueryRow(`SELECT count(*) FROM vms WHERE id = ?`, id).Scan(&n)
+	if err := db.QueryRow(`SELECT count(*) FROM vms WHERE id = ?`, id).Scan(&n); err != nil {
+		w.t.Fatal(err)
+	}
 	if n > 0 {
 		left = append(left, "vm row")
 	}
-	db.QueryRow(`SELECT count(*) FROM vm_resources WHERE vm_id = ?`, id).Scan(&n)
+	if err := db.QueryRow(`SELECT count(*) FROM vm_resources WHERE vm_id = ?`, id).Scan(&n); err != nil {
+		w.t.Fatal(err)
+	}
 	if n > 0 {
 		left = append(left, fmt.Sprintf("%d resource rows", n))
 	}
@@ -151,11 +157,13 @@ func (w *world) vmIDs() map[string]string {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	ids := map[string]string{}
 	for rows.Next() {
 		var id, name string
-		rows.Scan(&id, &name)
+		if err := rows.Scan(&id, &name); err != nil {
+			w.t.Fatal(err)
+		}
 		ids[name] = id
 	}
 	return ids
@@ -226,7 +234,9 @@ func TestCrashWhileRunning(t *testing.T) {
 	id := w.vmIDs()["keep"]
 	v, _ := client.New(w.socket).Version(context.Background())
 	var qemuPID int
-	w.db().QueryRow(`SELECT json_extract(runtime, '$.handle.pid') FROM vms WHERE id = ?`, id).Scan(&qemuPID)
+	if err := w.db().QueryRow(`SELECT json_extract(runtime, '$.handle.pid') FROM vms WHERE id = ?`, id).Scan(&qemuPID); err != nil {
+		t.Fatal(err)
+	}
 	if err := syscallKill(v.PID); err != nil {
 		t.Fatal(err)
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -89,7 +88,7 @@ func (a *app) vmExec(ctx context.Context, name string, argv []string, f vmExecFl
 	if err != nil {
 		return a.execFailure(err)
 	}
-	defer ec.Close()
+	defer func() { _ = ec.Close() }()
 
 	if f.tty && inTTY {
 		restore, err := makeRaw(inFd)
@@ -122,7 +121,7 @@ func (a *app) vmExec(ctx context.Context, name string, argv []string, f vmExecFl
 				if sig == syscall.SIGINT {
 					if interrupts++; interrupts == 3 {
 						gaveUp <- 128 + int(sig)
-						ec.Close()
+						_ = ec.Close()
 						return
 					}
 				}
@@ -131,14 +130,14 @@ func (a *app) vmExec(ctx context.Context, name string, argv []string, f vmExecFl
 		}()
 	}
 
-	var stdin io.Reader = a.stdin
+	var stdin = a.stdin
 	if f.noStdin {
 		stdin = nil
 	}
 	x, err := ec.Run(stdin, a.stdout, a.stderr)
 	select {
 	case code := <-gaveUp:
-		fmt.Fprintln(a.stderr, "banger: gave up on the command; it is hung up in the VM")
+		_, _ = fmt.Fprintln(a.stderr, "banger: gave up on the command; it is hung up in the VM")
 		return &exitError{code}
 	default:
 	}
@@ -149,7 +148,7 @@ func (a *app) vmExec(ctx context.Context, name string, argv []string, f vmExecFl
 	case x.Code == 0:
 		return nil
 	case x.Code < 0 || x.Code > 255:
-		fmt.Fprintln(a.stderr, "banger: the command ended without an exit status")
+		_, _ = fmt.Fprintln(a.stderr, "banger: the command ended without an exit status")
 		return &exitError{execFailed}
 	default:
 		return &exitError{x.Code}
@@ -163,6 +162,6 @@ func (a *app) execFailure(err error) error {
 	if errors.As(err, &ae) && ae.Code == api.CodeInvalidArgument {
 		return err
 	}
-	fmt.Fprintln(a.stderr, "banger:", err)
+	_, _ = fmt.Fprintln(a.stderr, "banger:", err)
 	return &exitError{execFailed}
 }

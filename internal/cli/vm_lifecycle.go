@@ -75,7 +75,7 @@ func (a *app) newVMStopCmd() *cobra.Command {
 			return a.eachVM(cmd.Context(), names, func(c *client.Client, n string) error {
 				v, err := c.StopVM(cmd.Context(), n, api.VMStopRequest{Force: f.force, TimeoutSeconds: f.timeout})
 				if err == nil {
-					fmt.Fprintf(a.stdout, "%s: %s\n", v.Name, v.State)
+					_, _ = fmt.Fprintf(a.stdout, "%s: %s\n", v.Name, v.State)
 				}
 				return err
 			})
@@ -95,7 +95,7 @@ func (a *app) newVMKillCmd() *cobra.Command {
 			return a.eachVM(cmd.Context(), names, func(c *client.Client, n string) error {
 				v, err := c.KillVM(cmd.Context(), n)
 				if err == nil {
-					fmt.Fprintf(a.stdout, "%s: %s\n", v.Name, v.State)
+					_, _ = fmt.Fprintf(a.stdout, "%s: %s\n", v.Name, v.State)
 				}
 				return err
 			})
@@ -116,7 +116,7 @@ func (a *app) newVMDeleteCmd() *cobra.Command {
 			return a.eachVM(cmd.Context(), names, func(c *client.Client, n string) error {
 				err := c.DeleteVM(cmd.Context(), n, f.force)
 				if err == nil {
-					fmt.Fprintf(a.stdout, "%s: deleted\n", n)
+					_, _ = fmt.Fprintf(a.stdout, "%s: deleted\n", n)
 				}
 				return err
 			})

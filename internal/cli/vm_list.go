@@ -40,7 +40,7 @@ func (a *app) newVMListCmd() *cobra.Command {
 
 func renderVMs(a *app, vms []api.VM) error {
 	if len(vms) == 0 {
-		fmt.Fprintln(a.stderr, "no VMs yet (hint: banger vm create --name dev)")
+		_, _ = fmt.Fprintln(a.stderr, "no VMs yet (hint: banger vm create --name dev)")
 		return nil
 	}
 	now := time.Now()

@@ -62,12 +62,12 @@ HOST/udp is enough). Forwards last as long as the VM, across restarts.`,
 				if f.remove {
 					err = c.RemovePort(cmd.Context(), name, req)
 					if err == nil {
-						fmt.Fprintf(a.stdout, "%s: removed %s\n", name, specs[i])
+						_, _ = fmt.Fprintf(a.stdout, "%s: removed %s\n", name, specs[i])
 					}
 				} else {
 					var fw api.PortForward
 					if fw, err = c.AddPort(cmd.Context(), name, req); err == nil {
-						fmt.Fprintf(a.stdout, "%s: %s:%d -> guest port %d/%s%s\n", name, fw.HostIP, fw.HostPort, fw.GuestPort, fw.Proto, activeNote(fw))
+						_, _ = fmt.Fprintf(a.stdout, "%s: %s:%d -> guest port %d/%s%s\n", name, fw.HostIP, fw.HostPort, fw.GuestPort, fw.Proto, activeNote(fw))
 					}
 				}
 				if err != nil {
@@ -91,7 +91,7 @@ func activeNote(f api.PortForward) string {
 
 func renderPorts(stdout, stderr io.Writer, name string, fs []api.PortForward) error {
 	if len(fs) == 0 {
-		fmt.Fprintf(stderr, "no port forwards (hint: banger vm port %s 8080:80)\n", name)
+		_, _ = fmt.Fprintf(stderr, "no port forwards (hint: banger vm port %s 8080:80)\n", name)
 		return nil
 	}
 	t := newTable(stdout, "HOST", "GUEST", "PROTO", "ACTIVE")

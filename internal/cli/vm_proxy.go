@@ -44,7 +44,7 @@ func (a *app) vmProxy(ctx context.Context, name string) error {
 	if err != nil {
 		return api.Errorf(api.CodeUnavailable, "connect to %s's SSH at %s:%d: %v", name, info.Host, info.Port, err)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	go func() {
 		_, _ = io.Copy(conn, a.stdin)
 		// ssh closed its end: let the server see EOF, keep reading.

@@ -39,25 +39,25 @@ func (a *app) newVMShowCmd() *cobra.Command {
 
 func renderVM(w io.Writer, v api.VM) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
-	fmt.Fprintf(tw, "name:\t%s\n", v.Name)
-	fmt.Fprintf(tw, "id:\t%s\n", v.ID)
+	_, _ = fmt.Fprintf(tw, "name:\t%s\n", v.Name)
+	_, _ = fmt.Fprintf(tw, "id:\t%s\n", v.ID)
 	state := string(v.State)
 	if v.StateReason != "" {
 		state += " (" + v.StateReason + ")"
 	}
-	fmt.Fprintf(tw, "state:\t%s\n", state)
-	fmt.Fprintf(tw, "image:\t%s\n", v.Image)
-	fmt.Fprintf(tw, "vmm:\t%s\n", v.VMM)
-	fmt.Fprintf(tw, "cpus:\t%d\n", v.CPUs)
-	fmt.Fprintf(tw, "memory:\t%s\n", api.FormatSize(v.MemoryBytes))
-	fmt.Fprintf(tw, "disk:\t%s\n", api.FormatSize(v.DiskBytes))
-	fmt.Fprintf(tw, "network:\t%s\n", orDash(v.Network.Mode))
+	_, _ = fmt.Fprintf(tw, "state:\t%s\n", state)
+	_, _ = fmt.Fprintf(tw, "image:\t%s\n", v.Image)
+	_, _ = fmt.Fprintf(tw, "vmm:\t%s\n", v.VMM)
+	_, _ = fmt.Fprintf(tw, "cpus:\t%d\n", v.CPUs)
+	_, _ = fmt.Fprintf(tw, "memory:\t%s\n", api.FormatSize(v.MemoryBytes))
+	_, _ = fmt.Fprintf(tw, "disk:\t%s\n", api.FormatSize(v.DiskBytes))
+	_, _ = fmt.Fprintf(tw, "network:\t%s\n", orDash(v.Network.Mode))
 	if v.Network.IP != "" {
-		fmt.Fprintf(tw, "address:\t%s\n", v.Network.IP)
+		_, _ = fmt.Fprintf(tw, "address:\t%s\n", v.Network.IP)
 	}
 	if v.Network.SSHPort != 0 {
-		fmt.Fprintf(tw, "ssh:\t%s:%d\n", v.Network.SSHHost, v.Network.SSHPort)
+		_, _ = fmt.Fprintf(tw, "ssh:\t%s:%d\n", v.Network.SSHHost, v.Network.SSHPort)
 	}
-	fmt.Fprintf(tw, "created:\t%s\n", v.CreatedAt.Local().Format("2006-01-02 15:04:05"))
+	_, _ = fmt.Fprintf(tw, "created:\t%s\n", v.CreatedAt.Local().Format("2006-01-02 15:04:05"))
 	return tw.Flush()
 }

@@ -40,7 +40,9 @@ func TestSSHConfigAsSSHReadsIt(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfg := filepath.Join(t.TempDir(), "config")
-		os.WriteFile(cfg, buf.Bytes(), 0o600)
+		if err := os.WriteFile(cfg, buf.Bytes(), 0o600); err != nil {
+			t.Fatal(err)
+		}
 		out, err := exec.CommandContext(context.Background(), "ssh", "-G", "-F", cfg, tc.host).Output()
 		if err != nil {
 			t.Fatalf("ssh -G rejects the config: %v\n%s", err, buf.String())

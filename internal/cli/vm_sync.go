@@ -104,13 +104,13 @@ func (a *app) printSyncReport(rep api.SyncReport, quietIfIdle bool) {
 	if quietIfIdle {
 		stamp = time.Now().Format("15:04:05") + " "
 	}
-	fmt.Fprintf(a.stdout, "%ssynced: %d sent (%s), %d deleted, %d unchanged\n", stamp, rep.Uploaded, api.FormatSize(rep.Bytes), rep.Deleted, rep.Unchanged)
+	_, _ = fmt.Fprintf(a.stdout, "%ssynced: %d sent (%s), %d deleted, %d unchanged\n", stamp, rep.Uploaded, api.FormatSize(rep.Bytes), rep.Deleted, rep.Unchanged)
 	if quietIfIdle {
 		return
 	}
 	for _, e := range rep.Entries {
 		if e.Missing {
-			fmt.Fprintf(a.stdout, "  %s does not exist (nothing sent to %s)\n", e.Host, e.Guest)
+			_, _ = fmt.Fprintf(a.stdout, "  %s does not exist (nothing sent to %s)\n", e.Host, e.Guest)
 		}
 	}
 }
@@ -127,8 +127,8 @@ func (a *app) watchSync(ctx context.Context, c *client.Client, name string, firs
 	if err != nil {
 		return err
 	}
-	defer w.Close()
-	fmt.Fprintf(a.stderr, "watching %d path(s) for changes; ^C stops\n", len(roots))
+	defer func() { _ = w.Close() }()
+	_, _ = fmt.Fprintf(a.stderr, "watching %d path(s) for changes; ^C stops\n", len(roots))
 	batches := make(chan []string)
 	werr := make(chan error, 1)
 	go func() { werr <- w.run(ctx, 300*time.Millisecond, 2*time.Second, batches) }()
@@ -147,7 +147,7 @@ func (a *app) watchSync(ctx context.Context, c *client.Client, name string, firs
 			case errors.As(err, &ae) && (ae.Code == api.CodeNotFound || ae.Code == api.CodeConflict):
 				return err
 			case err != nil:
-				fmt.Fprintf(a.stderr, "%s sync failed: %v\n", time.Now().Format("15:04:05"), err)
+				_, _ = fmt.Fprintf(a.stderr, "%s sync failed: %v\n", time.Now().Format("15:04:05"), err)
 			case asJSON:
 				_ = printJSON(a.stdout, rep)
 			default:

@@ -15,19 +15,27 @@ import (
 func TestWatcher(t *testing.T) {
 	home := t.TempDir()
 	proj := filepath.Join(home, "proj")
-	os.MkdirAll(filepath.Join(proj, "sub"), 0o755)
-	os.WriteFile(filepath.Join(proj, "sub", "a"), []byte("a"), 0o644)
-	os.WriteFile(filepath.Join(home, ".gitconfig"), []byte("x"), 0o644)
-	os.WriteFile(filepath.Join(home, "unrelated"), []byte("x"), 0o644)
+	if err := os.MkdirAll(filepath.Join(proj, "sub"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(proj, "sub", "a"), []byte("a"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(home, ".gitconfig"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(home, "unrelated"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	w, err := newWatcher([]string{proj, filepath.Join(home, ".gitconfig"), filepath.Join(home, "later")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer w.Close()
+	defer func() { _ = w.Close() }()
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 	out := make(chan []string, 16)
-	go w.run(ctx, 100*time.Millisecond, time.Second, out)
+	go func() { _ = w.run(ctx, 100*time.Millisecond, time.Second, out) }()
 
 	next := func(what string, want ...string) {
 		t.Helper()
@@ -57,25 +65,41 @@ func TestWatcher(t *testing.T) {
 		}
 	}
 
-	os.WriteFile(filepath.Join(proj, "sub", "a"), []byte("edited"), 0o644)
+	if err := os.WriteFile(filepath.Join(proj, "sub", "a"), []byte("edited"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	next("edit", filepath.Join(proj, "sub", "a"))
 
-	os.WriteFile(filepath.Join(home, "unrelated"), []byte("y"), 0o644)
+	if err := os.WriteFile(filepath.Join(home, "unrelated"), []byte("y"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	tmp := filepath.Join(home, ".gitconfig.swp")
-	os.WriteFile(tmp, []byte("new"), 0o644)
-	os.Rename(tmp, filepath.Join(home, ".gitconfig"))
+	if err := os.WriteFile(tmp, []byte("new"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(home, ".gitconfig")); err != nil {
+		t.Fatal(err)
+	}
 	next("rename-over save", filepath.Join(home, ".gitconfig"))
 
-	os.MkdirAll(filepath.Join(proj, "new", "deeper"), 0o755)
+	if err := os.MkdirAll(filepath.Join(proj, "new", "deeper"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	time.Sleep(200 * time.Millisecond) // let the new directories be watched
-	os.WriteFile(filepath.Join(proj, "new", "deeper", "f"), []byte("f"), 0o644)
+	if err := os.WriteFile(filepath.Join(proj, "new", "deeper", "f"), []byte("f"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	next("file in a new directory", filepath.Join(proj, "new", "deeper", "f"))
 
-	os.Remove(filepath.Join(proj, "sub", "a"))
+	_ = os.Remove(filepath.Join(proj, "sub", "a"))
 	next("delete", filepath.Join(proj, "sub", "a"))
 
-	os.MkdirAll(filepath.Join(home, "later"), 0o755)
+	if err := os.MkdirAll(filepath.Join(home, "later"), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	time.Sleep(200 * time.Millisecond)
-	os.WriteFile(filepath.Join(home, "later", "x"), []byte("x"), 0o644)
+	if err := os.WriteFile(filepath.Join(home, "later", "x"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	next("a root that appears later", filepath.Join(home, "later", "x"))
 }

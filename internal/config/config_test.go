@@ -87,7 +87,9 @@ func TestParseErrors(t *testing.T) {
 // Load reports the real path of the file in its errors.
 func TestLoadNamesFile(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "config.toml")
-	os.WriteFile(path, []byte("bogus = 1\n"), 0o600)
+	if err := os.WriteFile(path, []byte("bogus = 1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	_, err := Load(path)
 	if err == nil || !strings.HasPrefix(err.Error(), path+":1: key bogus") {
 		t.Fatalf("Load error = %v", err)

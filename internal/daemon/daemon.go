@@ -58,16 +58,16 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 64
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "bangerd: unexpected argument %q\n", fs.Arg(0))
+		_, _ = fmt.Fprintf(stderr, "bangerd: unexpected argument %q\n", fs.Arg(0))
 		return 64
 	}
 	if *showVersion {
-		fmt.Fprintln(stdout, version.Get().Line("bangerd"))
+		_, _ = fmt.Fprintln(stdout, version.Get().Line("bangerd"))
 		return 0
 	}
 	layout, err := paths.For(*system)
 	if err != nil {
-		fmt.Fprintln(stderr, "bangerd:", err)
+		_, _ = fmt.Fprintln(stderr, "bangerd:", err)
 		return 1
 	}
 	if *checkMigrations {
@@ -77,7 +77,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	err = serve(ctx, layout, *logFormat, *logLevel, stderr, ready)
 	if err != nil {
 		ready.fail(err)
-		fmt.Fprintln(stderr, "bangerd:", err)
+		_, _ = fmt.Fprintln(stderr, "bangerd:", err)
 		return 1
 	}
 	return 0
@@ -87,10 +87,10 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func runCheckMigrations(ctx context.Context, layout paths.Layout, stdout, stderr io.Writer) int {
 	st, err := store.InspectSchemaState(ctx, layout.DB())
 	if err != nil {
-		fmt.Fprintln(stderr, "bangerd:", err)
+		_, _ = fmt.Fprintln(stderr, "bangerd:", err)
 		return 3
 	}
-	fmt.Fprintln(stdout, st.Line())
+	_, _ = fmt.Fprintln(stdout, st.Line())
 	return st.ExitCode()
 }
 
@@ -154,7 +154,7 @@ func serve(ctx context.Context, layout paths.Layout, logFormat, logLevel string,
 	if err != nil {
 		return err
 	}
-	defer st.Close()
+	defer func() { _ = st.Close() }()
 
 	// The lock is held, so a socket left on disk belongs to a dead daemon.
 	sock := layout.DaemonSocket()
@@ -165,9 +165,9 @@ func serve(ctx context.Context, layout paths.Layout, logFormat, logLevel string,
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", sock, err)
 	}
-	defer os.Remove(sock)
+	defer func() { _ = os.Remove(sock) }()
 	if err := os.Chmod(sock, 0o600); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return fmt.Errorf("chmod %s: %w", sock, err)
 	}
 
@@ -268,7 +268,7 @@ type readyNotifier struct {
 
 func readyPipe() *readyNotifier {
 	fd, err := strconv.Atoi(os.Getenv(api.EnvReadyFD))
-	os.Unsetenv(api.EnvReadyFD)
+	_ = os.Unsetenv(api.EnvReadyFD)
 	if err != nil || fd < 3 {
 		return &readyNotifier{}
 	}

@@ -68,7 +68,7 @@ func TestCheckMigrations(t *testing.T) {
 				t.Fatal(err)
 			}
 			raw, _ := sql.Open("sqlite", db)
-			defer raw.Close()
+			defer func() { _ = raw.Close() }()
 			if _, err := raw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`); err != nil {
 				t.Fatal(err)
 			}
@@ -151,10 +151,19 @@ func TestIncompatibleDatabaseRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
-	raw, _ := sql.Open("sqlite", l.DB())
-	raw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`)
-	raw.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := sql.Open("sqlite", l.DB())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := raw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := raw.Close(); err != nil {
+		t.Fatal(err)
+	}
 	code, _, errOut := run(t.Context())
 	if code != 1 || !strings.Contains(errOut, "incompatible") || !strings.Contains(errOut, "hint: ") {
 		t.Fatalf("exit %d, %q", code, errOut)
@@ -192,8 +201,8 @@ func TestActivityDrain(t *testing.T) {
 		return !ok
 	})
 	select {
-	case <-drained:
-		t.Fatal("drain returned with an operation in flight")
+	case err := <-drained:
+		t.Fatalf("drain returned (%v) with an operation in flight", err)
 	case <-time.After(50 * time.Millisecond):
 	}
 	end()

@@ -75,7 +75,7 @@ func TestHelperOwner(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	if err := os.Lchown(sock, 4242, 4242); err != nil {
 		t.Fatal(err)
 	}

@@ -395,7 +395,7 @@ func Stat(ctx context.Context, image, path string) (FileInfo, error) {
 	if err != nil {
 		return FileInfo{}, fmt.Errorf("stat %s in image: %w", path, err)
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 	t, err := runDebugfs(ctx, abs, dir, false, []string{"stat " + path})
 	if err != nil {
 		return FileInfo{}, fmt.Errorf("stat %s in %s: %w", path, image, err)
@@ -442,7 +442,7 @@ func ReadFile(ctx context.Context, image, path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read %s in image: %w", path, err)
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 	t, err := runDebugfs(ctx, abs, dir, false, []string{"stat " + path, "dump " + path + " data"})
 	if err != nil {
 		return nil, fmt.Errorf("read %s in %s: %w", path, image, err)

@@ -187,12 +187,14 @@ func checkSizeFor(t *testing.T, tree string, entries int64) {
 		t.Fatal(err)
 	}
 	var content int64
-	filepath.WalkDir(tree, func(p string, d fs.DirEntry, err error) error {
+	if err := filepath.WalkDir(tree, func(p string, d fs.DirEntry, err error) error {
 		if fi, err := d.Info(); err == nil && fi.Mode().IsRegular() {
 			content += roundUp(fi.Size(), 4096)
 		}
 		return nil
-	})
+	}); err != nil {
+		t.Fatal(err)
+	}
 	img := filepath.Join(t.TempDir(), "disk.ext4")
 	if err := Make(t.Context(), tree, img, size, MakeOptions{}); err != nil {
 		t.Fatalf("Make at SizeFor's %d bytes: %v", size, err)

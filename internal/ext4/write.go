@@ -68,7 +68,7 @@ func writeFiles(ctx context.Context, image string, files []File) error {
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 
 	state, err := probe(ctx, abs, dir, files)
 	if err != nil {

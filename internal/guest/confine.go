@@ -216,11 +216,11 @@ func (h *Home) walk(orig, rel string) (int, error) {
 	stack := []int{h.fd} // stack[0] is the home; not ours to close
 	defer func() {
 		for _, fd := range stack[1:] {
-			unix.Close(fd)
+			_ = unix.Close(fd)
 		}
 	}()
 	pop := func() {
-		unix.Close(stack[len(stack)-1])
+		_ = unix.Close(stack[len(stack)-1])
 		stack = stack[:len(stack)-1]
 	}
 	queue := splitPath(rel)
@@ -259,13 +259,13 @@ func (h *Home) walk(orig, rel string) (int, error) {
 		}
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			return -1, &fs.PathError{Op: "stat", Path: here, Err: err}
 		}
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFLNK:
 			target, err := readlinkFd(fd)
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			if err != nil {
 				return -1, &fs.PathError{Op: "readlink", Path: here, Err: err}
 			}
@@ -295,7 +295,7 @@ func (h *Home) walk(orig, rel string) (int, error) {
 			if last {
 				return fd, nil
 			}
-			unix.Close(fd)
+			_ = unix.Close(fd)
 			return -1, &fs.PathError{Op: "open", Path: here, Err: unix.ENOTDIR}
 		}
 	}

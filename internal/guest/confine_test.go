@@ -41,7 +41,7 @@ func newHome(t *testing.T) (home *guest.Home, dir, outside string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { h.Close() })
+	t.Cleanup(func() { _ = h.Close() })
 	return h, dir, outside
 }
 

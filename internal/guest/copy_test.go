@@ -26,12 +26,12 @@ func sftpTo(t testing.TB, d *guesttest.SSHD) *sftp.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	sc, err := guest.NewSFTP(c)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { sc.Close() })
+	t.Cleanup(func() { _ = sc.Close() })
 	return sc
 }
 
@@ -57,7 +57,9 @@ func TestCopyLargeFileBothWays(t *testing.T) {
 	local, remote := t.TempDir(), t.TempDir() // "remote" is where the test sshd writes
 	src := filepath.Join(local, "big.bin")
 	randomFile(t, src, 100<<20)
-	os.Chmod(src, 0o640)
+	if err := os.Chmod(src, 0o640); err != nil {
+		t.Fatal(err)
+	}
 	want := testutil.SHA256File(t, src)
 
 	var last, total int64
@@ -132,9 +134,20 @@ func makeTree(t *testing.T, root string) {
 		p    string
 		mode fs.FileMode
 	}{{"", 0o755}, {"bin", 0o750}, {"private", 0o700}, {"empty", 0o711}, {"a/b/c", 0o755}} {
-		os.MkdirAll(filepath.Join(root, d.p), 0o755)
-		defer os.Chmod(filepath.Join(root, d.p), d.mode)
-		defer os.Chtimes(filepath.Join(root, d.p), old, old.Add(time.Duration(len(d.p))*time.Hour))
+		if err := os.MkdirAll(filepath.Join(root, d.p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// Directory times and modes are set last, once their entries are
+		// written.
+		defer func() {
+			p := filepath.Join(root, d.p)
+			if err := os.Chtimes(p, old, old.Add(time.Duration(len(d.p))*time.Hour)); err != nil {
+				t.Error(err)
+			}
+			if err := os.Chmod(p, d.mode); err != nil {
+				t.Error(err)
+			}
+		}()
 	}
 	for i, f := range []struct {
 		p    string
@@ -144,8 +157,12 @@ func makeTree(t *testing.T, root string) {
 		if err := os.WriteFile(p, []byte(strings.Repeat(f.p, i+1)), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		os.Chmod(p, f.mode)
-		os.Chtimes(p, old, old.Add(time.Duration(i)*time.Minute))
+		if err := os.Chmod(p, f.mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(p, old, old.Add(time.Duration(i)*time.Minute)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	symlink(t, "bin/run.sh", filepath.Join(root, "link"))
 }
@@ -190,9 +207,15 @@ func TestCopyDestinations(t *testing.T) {
 	sc := sftpTo(t, d)
 	local, remote := t.TempDir(), t.TempDir()
 	src := filepath.Join(local, "f.txt")
-	os.WriteFile(src, []byte("x"), 0o644)
-	os.Mkdir(filepath.Join(local, "dir"), 0o755)
-	os.WriteFile(filepath.Join(remote, "file"), []byte("y"), 0o644)
+	if err := os.WriteFile(src, []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(filepath.Join(local, "dir"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(remote, "file"), []byte("y"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	if _, err := guest.Upload(t.Context(), sc, "vm", src, remote, guest.CopyOptions{}); err != nil {
 		t.Fatal(err)

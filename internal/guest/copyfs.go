@@ -94,7 +94,7 @@ func (s sftpFS) Create(p string, perm fs.FileMode) (io.WriteCloser, error) {
 	// SFTP opens without a mode (sftp-server creates 0666 &^ umask):
 	// narrow it before any data lands, the caller sets the final mode.
 	if err := f.Chmod(perm); err != nil {
-		f.Close()
+		_ = f.Close()
 		return nil, err
 	}
 	return f, nil
@@ -105,8 +105,8 @@ func (s sftpFS) CreateExcl(p string, perm fs.FileMode) (io.WriteCloser, error) {
 		return nil, err
 	}
 	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		s.c.Remove(p)
+		_ = f.Close()
+		_ = s.c.Remove(p)
 		return nil, err
 	}
 	return f, nil

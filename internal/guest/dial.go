@@ -47,11 +47,11 @@ func Dial(ctx context.Context, t Target) (*ssh.Client, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
 	c, chans, reqs, err := ssh.NewClientConn(conn, t.Addr, cfg)
 	if err != nil {
-		conn.Close()
+		_ = conn.Close()
 		return nil, fmt.Errorf("ssh %s (%s): %w", t.Alias, t.Addr, err)
 	}
 	_ = conn.SetDeadline(time.Time{})

@@ -180,7 +180,7 @@ func startSession(lease *Lease, line string, req api.ExecRequest) (*ExecSession,
 		err = sess.Start(line)
 	}
 	if err != nil {
-		sess.Close()
+		_ = sess.Close()
 		return nil, err
 	}
 	return s, nil
@@ -205,7 +205,7 @@ func (s *ExecSession) Signal(name string) error {
 	if err != nil {
 		return fmt.Errorf("signal %s: %w", name, err)
 	}
-	defer ks.Close()
+	defer func() { _ = ks.Close() }()
 	var out bytes.Buffer
 	ks.Stderr = &out
 	err = ks.Run(ShellQuote([]string{"sh", "-c", signalScript, "sh", name, markEnv + "=" + s.mark}))
@@ -248,7 +248,7 @@ func (s *ExecSession) Hangup() {
 			}
 		}
 	}
-	s.Close()
+	_ = s.Close()
 }
 
 var sigNameRe = regexp.MustCompile(`^[A-Z][A-Z0-9]{0,15}$`)

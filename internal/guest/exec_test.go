@@ -28,7 +28,7 @@ func run(t *testing.T, p *guest.Pool, stdin []byte, argv ...string) (stdout, std
 	if err != nil {
 		return "", "", api.ExecExit{}, err
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	go func() {
 		if stdin != nil {
 			_, _ = s.Stdin.Write(stdin)
@@ -38,8 +38,8 @@ func run(t *testing.T, p *guest.Pool, stdin []byte, argv ...string) (stdout, std
 	var out, errb bytes.Buffer
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); io.Copy(&out, s.Stdout) }()
-	go func() { defer wg.Done(); io.Copy(&errb, s.Stderr) }()
+	go func() { defer wg.Done(); _, _ = io.Copy(&out, s.Stdout) }()
+	go func() { defer wg.Done(); _, _ = io.Copy(&errb, s.Stderr) }()
 	wg.Wait()
 	exit, err = s.Wait()
 	return out.String(), errb.String(), exit, err
@@ -225,7 +225,7 @@ func TestPoolReconnectsAndDrops(t *testing.T) {
 	}
 	first := lease.Client
 	lease.Release()
-	first.Close() // the connection dies under the pool
+	_ = first.Close() // the connection dies under the pool
 	if _, _, exit, err := run(t, p, nil, "true"); err != nil || exit.Code != 0 {
 		t.Fatalf("exec after the connection died: %+v %v", exit, err)
 	}
@@ -239,8 +239,11 @@ func TestPoolReconnectsAndDrops(t *testing.T) {
 	second := lease.Client
 	lease.Release()
 	p.Drop("vm")
-	done := make(chan error, 1)
-	go func() { done <- second.Wait() }()
+	done := make(chan struct{})
+	go func() {
+		_ = second.Wait() // only its return matters: the connection is gone
+		close(done)
+	}()
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):

@@ -102,7 +102,7 @@ func writeNew(path string, data []byte, perm os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name())
+	defer func() { _ = os.Remove(tmp.Name()) }()
 	if err := writeSync(tmp, data, perm); err != nil {
 		return err
 	}
@@ -122,7 +122,7 @@ func writeReplace(path string, data []byte, perm os.FileMode) error {
 	if err != nil {
 		return err
 	}
-	defer os.Remove(tmp.Name()) // fails harmlessly once renamed
+	defer func() { _ = os.Remove(tmp.Name()) }() // fails harmlessly once renamed
 	if err := writeSync(tmp, data, perm); err != nil {
 		return err
 	}

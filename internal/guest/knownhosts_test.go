@@ -260,7 +260,7 @@ func sshServer(t *testing.T, host HostKeys, clientPub ssh.PublicKey) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	t.Cleanup(func() { _ = ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -274,14 +274,14 @@ func sshServer(t *testing.T, host HostKeys, clientPub ssh.PublicKey) string {
 }
 
 func serveConn(c net.Conn, cfg *ssh.ServerConfig) {
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_, chans, reqs, err := ssh.NewServerConn(c, cfg)
 	if err != nil {
 		return
 	}
 	go ssh.DiscardRequests(reqs)
 	for ch := range chans {
-		ch.Reject(ssh.Prohibited, "handshake only")
+		_ = ch.Reject(ssh.Prohibited, "handshake only")
 	}
 }
 
@@ -310,7 +310,7 @@ func TestHostKeyCallbackHandshake(t *testing.T) {
 			HostKeyAlgorithms: algos,
 		})
 		if err == nil {
-			c.Close()
+			_ = c.Close()
 		}
 		return err
 	}
@@ -382,7 +382,7 @@ func TestHostKeyCallbackNonTCP(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		defer ln.Close()
+		defer func() { _ = ln.Close() }()
 		go func() {
 			if sc, err := ln.Accept(); err == nil {
 				serveConn(sc, srvCfg)
@@ -392,10 +392,10 @@ func TestHostKeyCallbackNonTCP(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		defer cc.Close()
+		defer func() { _ = cc.Close() }()
 		conn, _, _, err := ssh.NewClientConn(cc, hostname, &ssh.ClientConfig{User: "root", Auth: []ssh.AuthMethod{ssh.PublicKeys(signer)}, HostKeyCallback: cb})
 		if err == nil {
-			conn.Close()
+			_ = conn.Close()
 		}
 		return err
 	}

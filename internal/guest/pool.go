@@ -79,7 +79,7 @@ func (l *Lease) Broken() {
 		l.pool.mu.Lock()
 		l.conn.dead = true
 		l.pool.mu.Unlock()
-		l.conn.client.Close()
+		_ = l.conn.client.Close()
 		l.pool.release(l.name, l.conn)
 	})
 }
@@ -160,7 +160,7 @@ func (p *Pool) Get(ctx context.Context, name string) (*Lease, error) {
 		if p.closed || p.vms[name] != v || v.gen != gen {
 			// Dropped (the VM stopped) or closed while we dialled.
 			p.mu.Unlock()
-			c.client.Close()
+			_ = c.client.Close()
 			if p.closed {
 				return nil, ErrPoolClosed
 			}
@@ -237,7 +237,7 @@ func (p *Pool) watch(name string, c *pooledConn) {
 		}
 		if err := probe(c.client, p.keepalive()); err != nil {
 			p.Log.Info("ssh connection lost", "vm", name, "err", err)
-			c.client.Close()
+			_ = c.client.Close()
 		}
 	}
 }
@@ -254,7 +254,7 @@ func (p *Pool) closeIfIdleExtra(name string, c *pooledConn) bool {
 	}
 	p.mu.Unlock()
 	if extra {
-		c.client.Close()
+		_ = c.client.Close()
 	}
 	return extra
 }
@@ -286,7 +286,7 @@ func (p *Pool) Drop(name string) {
 	p.mu.Unlock()
 	if v != nil {
 		for _, c := range v.conns {
-			c.client.Close()
+			_ = c.client.Close()
 		}
 	}
 }
@@ -300,7 +300,7 @@ func (p *Pool) Close() {
 	p.mu.Unlock()
 	for _, v := range vms {
 		for _, c := range v.conns {
-			c.client.Close()
+			_ = c.client.Close()
 		}
 	}
 }

@@ -93,7 +93,7 @@ func (s *Service) Sync(ctx context.Context, name string, req api.SyncRequest, pr
 		return api.SyncReport{}, apiError(name, err)
 	}
 	defer lease.Release()
-	defer sc.Close()
+	defer func() { _ = sc.Close() }()
 	opts := SyncOptions{Paths: req.Paths, Full: req.Full}
 	if progress != nil {
 		opts.Progress = func(step, msg string) {
@@ -155,6 +155,6 @@ func (s *Service) Stopped(name string) { s.Pool.Drop(name) }
 func (s *Service) Close() {
 	s.Pool.Close()
 	if s.Home != nil {
-		s.Home.Close()
+		_ = s.Home.Close()
 	}
 }

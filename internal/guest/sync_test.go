@@ -39,7 +39,7 @@ func newSyncEnv(t *testing.T) *syncEnv {
 		{Host: "~/proj", Guest: e.guest + "/src/proj"},
 		{Host: "~/not-there", Guest: e.guest + "/nothing"},
 	}
-	os.RemoveAll(dir + "/proj")
+	_ = os.RemoveAll(dir + "/proj")
 	e.write("proj/.gitignore", "*.log\nbuild/\n")
 	e.write("proj/a.txt", "a")
 	e.write("proj/b.txt", "b")
@@ -63,7 +63,9 @@ func (e *syncEnv) write(rel, data string) {
 	// Distinct, past mtimes, so a rewrite within the same second still
 	// shows as a change.
 	mt := time.Now().Add(-time.Duration(len(data)+len(rel)) * time.Hour).Truncate(time.Second)
-	os.Chtimes(p, mt, mt)
+	if err := os.Chtimes(p, mt, mt); err != nil {
+		e.t.Fatal(err)
+	}
 }
 
 func (e *syncEnv) sync(opts guest.SyncOptions) (api.SyncReport, error) {
@@ -90,14 +92,16 @@ func (e *syncEnv) mustSync(opts guest.SyncOptions, want counts) api.SyncReport {
 func (e *syncEnv) guestFiles() map[string]string {
 	e.t.Helper()
 	out := map[string]string{}
-	filepath.Walk(e.guest, func(p string, fi os.FileInfo, err error) error {
+	if err := filepath.Walk(e.guest, func(p string, fi os.FileInfo, err error) error {
 		if err == nil && fi.Mode().IsRegular() {
 			b, _ := os.ReadFile(p)
 			rel, _ := filepath.Rel(e.guest, p)
 			out[rel] = string(b)
 		}
 		return nil
-	})
+	}); err != nil {
+		e.t.Fatal(err)
+	}
 	return out
 }
 
@@ -139,11 +143,15 @@ func TestSyncIncremental(t *testing.T) {
 
 	e.mustSync(guest.SyncOptions{}, counts{Unchanged: 7})
 
-	os.WriteFile(e.guest+"/src/proj/guest-only.txt", []byte("mine"), 0o644)
+	if err := os.WriteFile(e.guest+"/src/proj/guest-only.txt", []byte("mine"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	e.write("proj/a.txt", "a, edited")
-	os.Chmod(e.dir+"/proj/b.txt", 0o600)
+	if err := os.Chmod(e.dir+"/proj/b.txt", 0o600); err != nil {
+		t.Fatal(err)
+	}
 	e.write("proj/sub/new.txt", "new")
-	os.Remove(e.dir + "/proj/sub/c.txt")
+	_ = os.Remove(e.dir + "/proj/sub/c.txt")
 	e.mustSync(guest.SyncOptions{}, counts{Uploaded: 3, Deleted: 1, Unchanged: 4})
 	if fi, _ := os.Stat(e.guest + "/src/proj/b.txt"); fi.Mode().Perm() != 0o600 {
 		t.Errorf("b.txt mode in the guest %v, want 0600", fi.Mode().Perm())
@@ -170,7 +178,7 @@ func TestSyncIncremental(t *testing.T) {
 
 	// The host directory goes: what banger sent goes, the guest's own
 	// file and so its directory stay.
-	os.RemoveAll(e.dir + "/proj")
+	_ = os.RemoveAll(e.dir + "/proj")
 	e.mustSync(guest.SyncOptions{}, counts{Deleted: 5, Unchanged: 1})
 	if diff := cmp.Diff(map[string]string{"root/.gitconfig": "[user]\n", "src/proj/guest-only.txt": "mine"}, e.guestFiles()); diff != "" {
 		t.Fatalf("guest after the host dir went (-want +got):\n%s", diff)
@@ -235,14 +243,18 @@ func TestSyncRefusesEscapes(t *testing.T) {
 func TestSyncSwapBetweenScanAndSend(t *testing.T) {
 	e := newSyncEnv(t)
 	e.entries = e.entries[1:2]
-	os.WriteFile(e.outside+"/sub/c.txt", []byte("SECRET\n"), 0o644)
+	if err := os.WriteFile(e.outside+"/sub/c.txt", []byte("SECRET\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	swapped := false
 	guest.SetTestHookBeforeSend(func(abs string) {
 		if swapped || !strings.HasSuffix(abs, "/proj/sub/c.txt") {
 			return
 		}
 		swapped = true
-		os.Rename(e.dir+"/proj/sub", e.dir+"/proj/sub.moved")
+		if err := os.Rename(e.dir+"/proj/sub", e.dir+"/proj/sub.moved"); err != nil {
+			t.Fatal(err)
+		}
 		symlink(t, e.outside+"/sub", e.dir+"/proj/sub")
 	})
 	defer guest.SetTestHookBeforeSend(nil)
@@ -284,7 +296,7 @@ func TestSyncSkipsSpecialFiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	symlink(t, "fifo", e.dir+"/proj/tofifo")
 	e.mustSync(guest.SyncOptions{}, counts{Uploaded: 6})
 	for _, n := range []string{"fifo", "sock", "tofifo"} {

@@ -316,7 +316,7 @@ func (s *Server) createSnapshot(op helperapi.CreateSnapshot) (res helperapi.Crea
 	if err != nil {
 		return res, nil, err
 	}
-	defer dm.Close()
+	defer func() { _ = dm.Close() }()
 	origin, originPath, err := s.openVMFile(op.VMID, op.Origin, false)
 	if err != nil {
 		return res, nil, err
@@ -405,7 +405,7 @@ func (s *Server) removeSnapshot(op helperapi.RemoveSnapshot) error {
 	if err != nil {
 		return err
 	}
-	defer dm.Close()
+	defer func() { _ = dm.Close() }()
 	return dm.remove(helperapi.DMName(op.VMID), true)
 }
 
@@ -419,7 +419,7 @@ func ownedSnapshots() ([]helperapi.OwnedSnapshot, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer dm.Close()
+	defer func() { _ = dm.Close() }()
 	devs, err := dm.list()
 	if err != nil {
 		return nil, err

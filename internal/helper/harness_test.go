@@ -128,7 +128,7 @@ func startHelperWith(t *testing.T, configure func(*Config)) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	t.Cleanup(func() { _ = os.RemoveAll(sockDir) })
 	// Let other uids reach the socket; its own mode decides who connects.
 	if err := os.Chmod(sockDir, 0o755); err != nil {
 		t.Fatal(err)

@@ -446,19 +446,20 @@ func runJailer(ctx context.Context, argv []string, out *os.File) error {
 	if err != nil {
 		return fmt.Errorf("start jailer: %w", err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	// err is written by the waiter and read only after done is closed.
+	done := make(chan struct{})
+	go func() { err = cmd.Wait(); close(done) }()
 	t := time.NewTimer(jailReadyTimeout)
 	defer t.Stop()
 	select {
-	case err = <-done:
+	case <-done:
 	case <-t.C:
 		_ = cmd.Process.Kill()
-		<-done
+		<-done // reap it; its error only says it was killed
 		return fmt.Errorf("jailer did not finish within %s", jailReadyTimeout)
 	case <-ctx.Done():
 		_ = cmd.Process.Kill()
-		<-done
+		<-done // reap it; its error only says it was killed
 		return fmt.Errorf("run jailer: %w", ctx.Err())
 	}
 	if err != nil {
@@ -527,7 +528,7 @@ func (s *Server) setTapOwner(name string, uid uint32) error {
 		if err != nil {
 			return fmt.Errorf("set owner of tap %q: %w", name, err)
 		}
-		defer unix.Close(fd)
+		defer func() { _ = unix.Close(fd) }()
 		ifr, err := unix.NewIfreq(name)
 		if err != nil {
 			return fmt.Errorf("set owner of tap %q: %w", name, err)

@@ -112,7 +112,7 @@ func startJailRig(t *testing.T, configure func(*Config)) *jailRig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(base) })
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
 	if err := os.Chmod(base, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -572,7 +572,7 @@ func TestLaunchJailedRefuses(t *testing.T) {
 	}{
 		{"a disk that is a symlink to another user's file", func(t *testing.T, id string) helperapi.LaunchJailed {
 			p := filepath.Join(r.stateDir, "vms", id, "root.img")
-			os.Remove(p)
+			_ = os.Remove(p)
 			if err := os.Symlink("/etc/shadow", p); err != nil {
 				t.Fatal(err)
 			}
@@ -648,7 +648,7 @@ func TestLaunchJailedJailerFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -767,7 +767,7 @@ func runOwnerJob(job ownerJob) (rep ownerReport) {
 		if err != nil {
 			return fail(err)
 		}
-		defer m.Close()
+		defer func() { _ = m.Close() }()
 		st, err := m.State(ctx)
 		if err != nil {
 			return fail(err)
@@ -814,7 +814,7 @@ func dialVsock(path string) string {
 	if err != nil {
 		return err.Error()
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
 	// Connected: that is what the owner's access is. The fake, with no
 	// guest listening, closes at once; the request may or may not get
@@ -837,7 +837,7 @@ func TestJailBinariesMustStayRoots(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}

@@ -114,7 +114,7 @@ func plainName(s string) bool {
 		return false
 	}
 	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+		if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '.' && r != '_' && r != '-' {
 			return false
 		}
 	}
@@ -197,7 +197,7 @@ func checkTrusted(path string, dir bool) error {
 			return fmt.Errorf("%s: %s is a symlink (hint: give the resolved path)", path, p)
 		case st == nil || st.Uid != 0:
 			return fmt.Errorf("%s: %s is not owned by root", path, p)
-		case fi.Mode().Perm()&0o022 != 0 && !(fi.IsDir() && fi.Mode()&fs.ModeSticky != 0 && !last):
+		case fi.Mode().Perm()&0o022 != 0 && (!fi.IsDir() || fi.Mode()&fs.ModeSticky == 0 || last):
 			return fmt.Errorf("%s: %s is writable by group or others (mode %v)", path, p, fi.Mode())
 		case !last && !fi.IsDir():
 			return fmt.Errorf("%s: %s is not a directory", path, p)

@@ -96,7 +96,7 @@ func TestCheckTrusted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(base) })
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
 	mk := func(rel string, mode os.FileMode, uid int, dir bool) string {
 		p := filepath.Join(base, rel)
 		if dir {

@@ -39,7 +39,7 @@ func runInNetNS(nsPath string, f func() error) error {
 			return
 		}
 		err = unix.Setns(fd, unix.CLONE_NEWNET)
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		if err != nil {
 			errc <- fmt.Errorf("enter netns %s: %w", nsPath, err)
 			return
@@ -225,7 +225,7 @@ func addTap(name string, uid uint32) error {
 	if err != nil {
 		return fmt.Errorf("create tap %q: %w", name, err)
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	ifr, err := unix.NewIfreq(name)
 	if err != nil {
 		return fmt.Errorf("create tap %q: %w", name, err)

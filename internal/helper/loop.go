@@ -27,7 +27,7 @@ func (s *Server) openVMFile(vmID, name string, write bool) (*os.File, string, er
 	if err != nil {
 		return nil, "", helperapi.Errorf(helperapi.CodeNotFound, "open state dir %s: %v", s.cfg.StateDir, err)
 	}
-	defer unix.Close(dir)
+	defer func() { _ = unix.Close(dir) }()
 	flags := unix.O_RDONLY
 	if write {
 		flags = unix.O_RDWR

@@ -64,12 +64,12 @@ func TestLoopAttachDetach(t *testing.T) {
 		t.Errorf("ListOwned loops (-want +got):\n%s", diff)
 	}
 
-	if err := h.client.DetachLoop(ctx, helperapi.DetachLoop{Device: res.Device}); err != nil {
+	if err := h.client.DetachLoop(ctx, helperapi.DetachLoop(res)); err != nil {
 		t.Fatal(err)
 	}
 	f.Close()
 	testutil.WaitFor(t, 10*time.Second, "loop detached after DetachLoop and close", func() bool { return len(loopsUnder(t, h.stateDir)) == 0 })
-	if err := h.client.DetachLoop(ctx, helperapi.DetachLoop{Device: res.Device}); err != nil {
+	if err := h.client.DetachLoop(ctx, helperapi.DetachLoop(res)); err != nil {
 		t.Errorf("DetachLoop of a detached device: %v", err)
 	}
 
@@ -213,7 +213,7 @@ func TestCreateDeleteCycles(t *testing.T) {
 		if err := h.client.DeleteTap(ctx, helperapi.DeleteTap{Name: testTap}); err != nil {
 			t.Fatalf("cycle %d: %v", i, err)
 		}
-		if err := h.client.DetachLoop(ctx, helperapi.DetachLoop{Device: res.Device}); err != nil {
+		if err := h.client.DetachLoop(ctx, helperapi.DetachLoop(res)); err != nil {
 			t.Fatalf("cycle %d: %v", i, err)
 		}
 		f.Close()

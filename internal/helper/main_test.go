@@ -87,7 +87,7 @@ func TestListen(t *testing.T) {
 	}
 	// A socket left behind by a killed helper is replaced.
 	ln.SetUnlinkOnClose(false)
-	ln.Close()
+	_ = ln.Close()
 	ln, err = Listen(sock, testOwner)
 	if err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
@@ -95,9 +95,9 @@ func TestListen(t *testing.T) {
 	if c, err := net.Dial("unix", sock); err != nil {
 		t.Errorf("dial the new socket: %v", err)
 	} else {
-		c.Close()
+		_ = c.Close()
 	}
-	ln.Close()
+	_ = ln.Close()
 
 	file := filepath.Join(dir, "file")
 	if err := os.WriteFile(file, []byte("keep me"), 0o644); err != nil {

@@ -262,15 +262,15 @@ func TestNATMasquerade(t *testing.T) {
 	}
 	var ln net.Listener
 	inNS(t, r.inet, func() (err error) { ln, err = net.Listen("tcp", "10.99.0.2:0"); return err })
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			fmt.Fprint(c, c.RemoteAddr().(*net.TCPAddr).IP)
-			c.Close()
+			_, _ = fmt.Fprint(c, c.RemoteAddr().(*net.TCPAddr).IP)
+			_ = c.Close()
 		}
 	}()
 	dial := func(timeout time.Duration) (string, error) {
@@ -280,7 +280,7 @@ func TestNATMasquerade(t *testing.T) {
 		if derr != nil {
 			return "", derr
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }()
 		b, err := io.ReadAll(c)
 		return string(b), err
 	}
@@ -312,14 +312,14 @@ func TestNATKeepsGuestsUnreachable(t *testing.T) {
 	}
 	var ln net.Listener
 	inNS(t, r.guest, func() (err error) { ln, err = net.Listen("tcp", "172.30.0.2:0"); return err })
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			c.Close()
+			_ = c.Close()
 		}
 	}()
 	dial := func() error {
@@ -327,7 +327,7 @@ func TestNATKeepsGuestsUnreachable(t *testing.T) {
 		inNS(t, r.inet, func() error {
 			var c net.Conn
 			if c, derr = net.DialTimeout("tcp", ln.Addr().String(), time.Second); derr == nil {
-				c.Close()
+				_ = c.Close()
 			}
 			return nil
 		})
@@ -358,7 +358,7 @@ func TestDNSRedirect(t *testing.T) {
 		})
 		return err
 	})
-	defer srv.Close()
+	defer func() { _ = srv.Close() }()
 	if _, err := r.client.EnsureDNSRedirect(ctx, subnet.EnsureDNSRedirect("banger0", 5353)); err != nil {
 		t.Fatal(err)
 	}
@@ -367,7 +367,7 @@ func TestDNSRedirect(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/%s", map[string]string{r.guest: "guest", r.ns: "host"}[from], proto), func(t *testing.T) {
 				var conn net.Conn
 				inNS(t, from, func() (err error) { conn, err = net.DialTimeout(proto, testGW+":53", 5*time.Second); return err })
-				defer conn.Close()
+				defer func() { _ = conn.Close() }()
 				_ = conn.SetDeadline(time.Now().Add(5 * time.Second))
 				dc := &dns.Conn{Conn: conn}
 				q := new(dns.Msg)

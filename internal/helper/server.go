@@ -174,7 +174,7 @@ func Listen(path string, ownerUID uint32) (*net.UnixListener, error) {
 	}
 	ln.SetUnlinkOnClose(true)
 	if err := unix.Fchownat(unix.AT_FDCWD, path, int(ownerUID), 0, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		ln.Close()
+		_ = ln.Close()
 		return nil, fmt.Errorf("chown socket %s: %w", path, err)
 	}
 	return ln, nil
@@ -192,7 +192,7 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("socket path %s exists and is not a socket; refusing to replace it", path)
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
+		_ = c.Close()
 		return fmt.Errorf("socket %s: another helper is listening", path)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -215,7 +215,7 @@ func (s *Server) ListenAndServe(ctx context.Context) error {
 // Serve accepts connections on ln until ctx ends, then closes ln and waits
 // for operations in flight.
 func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	stop := context.AfterFunc(ctx, func() { _ = ln.Close() })
 	defer stop()
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -236,7 +236,7 @@ func (s *Server) Serve(ctx context.Context, ln *net.UnixListener) error {
 		wg.Add(1)
 		go func() {
 			defer func() { <-s.sema; wg.Done() }()
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			s.handle(ctx, conn)
 		}()
 	}

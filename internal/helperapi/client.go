@@ -148,7 +148,7 @@ func (c *Client) send(ctx context.Context, op Op, result any, wantFDs int) (file
 		return nil, fmt.Errorf("connect to helper %s: %w", c.Socket, err)
 	}
 	conn := nc.(*net.UnixConn)
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	// Unblock reads and writes when ctx ends.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
 	defer stop()
@@ -163,7 +163,7 @@ func (c *Client) send(ctx context.Context, op Op, result any, wantFDs int) (file
 	defer func() {
 		if err != nil {
 			for _, fd := range fds {
-				syscall.Close(fd)
+				_ = syscall.Close(fd)
 			}
 		}
 	}()
@@ -257,7 +257,7 @@ func parseRights(oob []byte) ([]int, error) {
 // ctxErr prefers ctx's error to the i/o timeout its deadline caused.
 func ctxErr(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+		return fmt.Errorf("%w (%w)", ctx.Err(), err)
 	}
 	return err
 }

@@ -23,7 +23,7 @@ func fakeHelper(t *testing.T, handle func(op Op, conn *net.UnixConn)) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	t.Cleanup(func() { _ = ln.Close() })
 	go func() {
 		for {
 			conn, err := ln.AcceptUnix()
@@ -31,7 +31,7 @@ func fakeHelper(t *testing.T, handle func(op Op, conn *net.UnixConn)) string {
 				return
 			}
 			go func() {
-				defer conn.Close()
+				defer func() { _ = conn.Close() }()
 				b, err := ReadRequest(conn)
 				if err == nil {
 					var op Op
@@ -148,7 +148,7 @@ func TestClientReadsAnswerToUnreadRequest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go func() {
 		for {
 			conn, err := ln.AcceptUnix()
@@ -156,7 +156,7 @@ func TestClientReadsAnswerToUnreadRequest(t *testing.T) {
 				return
 			}
 			_ = WriteResponse(conn, nil, nil, Errorf(CodeForbidden, "uid 65534 may not use banger-helper"))
-			conn.Close()
+			_ = conn.Close()
 		}
 	}()
 	c := &Client{Socket: sock}

@@ -80,7 +80,7 @@ func TestDefaultImageBoots(t *testing.T) {
 		t.Fatal(err)
 	}
 	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	_ = l.Close()
 	qemu := exec.Command("qemu-system-x86_64",
 		"-accel", "tcg", "-cpu", "max", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on", "-m", "1024", "-smp", "2",
 		"-nographic", "-no-reboot",
@@ -100,8 +100,8 @@ func TestDefaultImageBoots(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		syscall.Kill(-qemu.Process.Pid, syscall.SIGKILL)
-		qemu.Wait()
+		_ = syscall.Kill(-qemu.Process.Pid, syscall.SIGKILL)
+		_ = qemu.Wait()
 	})
 
 	var mu sync.Mutex
@@ -170,7 +170,7 @@ func TestDefaultImageBoots(t *testing.T) {
 	if err != nil {
 		t.Fatalf("first SSH handshake after BANGER-READY: %v; console:\n%s", err, consoleTail())
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	sess, err := conn.NewSession()
 	if err != nil {
 		t.Fatal(err)

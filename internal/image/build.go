@@ -198,7 +198,7 @@ func (s *Service) newStaging(name string) (*staging, error) {
 	}
 	st := &staging{s: s, dir: dir, out: filepath.Join(dir, "image")}
 	if err := os.Mkdir(st.out, 0o755); err != nil {
-		os.Remove(dir)
+		_ = os.Remove(dir)
 		return nil, fmt.Errorf("create staging directory: %w", err)
 	}
 	s.mu.Lock()
@@ -541,7 +541,7 @@ func copyFile(ctx context.Context, src, dst string) (err error) {
 			err = fmt.Errorf("copy %s: %w", src, cerr)
 		}
 		if err != nil {
-			os.Remove(dst)
+			_ = os.Remove(dst)
 		}
 	}()
 	if _, err := io.Copy(out, ctxReader{ctx: ctx, r: in}); err != nil {
@@ -761,7 +761,7 @@ func (c *packageCache) close() {
 	if c.lock == nil {
 		return
 	}
-	os.RemoveAll(c.out)
+	_ = os.RemoveAll(c.out)
 	c.lock.Close()
 }
 

@@ -66,7 +66,7 @@ func BenchmarkBuild(b *testing.B) {
 		warmPageCache(b, cache)
 		settle(b)
 		work := b.TempDir()
-		defer os.RemoveAll(work)
+		defer func() { _ = os.RemoveAll(work) }()
 		tree := filepath.Join(work, "rootfs")
 		start := time.Now()
 		cmd := exec.CommandContext(ctx, "mmdebstrap", "--variant=minbase", "--skip=essential/unlink",
@@ -161,7 +161,7 @@ func warmPageCache(b *testing.B, dir string) {
 		if err != nil {
 			continue
 		}
-		io.Copy(io.Discard, f)
+		_, _ = io.Copy(io.Discard, f)
 		f.Close()
 	}
 }

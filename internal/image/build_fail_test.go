@@ -179,7 +179,7 @@ func TestBuildCanceled(t *testing.T) {
 		t.Fatal("build still running 2 minutes after cancel")
 	}
 	t.Logf("build returned %s after cancel", time.Since(canceledAt).Round(time.Millisecond))
-	wantCode(t, err, api.CodeCanceled)
+	_ = wantCode(t, err, api.CodeCanceled)
 	if ps := buildProcesses(t, stagingOf(svc)); len(ps) > 0 {
 		t.Errorf("processes left after cancel: %v", ps)
 	}
@@ -221,7 +221,7 @@ func TestBuildSameNameConcurrently(t *testing.T) {
 	if d := first.at.Sub(began); d > 5*time.Second {
 		t.Errorf("the refused build took %s", d)
 	}
-	wantCode(t, first.err, api.CodeConflict)
+	_ = wantCode(t, first.err, api.CodeConflict)
 	select {
 	case r := <-results:
 		t.Fatalf("the other build ended too: %v", r.err)
@@ -229,7 +229,7 @@ func TestBuildSameNameConcurrently(t *testing.T) {
 	}
 	cancel()
 	second := <-results
-	wantCode(t, second.err, api.CodeCanceled)
+	_ = wantCode(t, second.err, api.CodeCanceled)
 	assertNothingLeft(t, svc)
 }
 
@@ -249,7 +249,7 @@ func TestBuildDiskFull(t *testing.T) {
 	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=700m,mode=0700", "banger-test", small).CombinedOutput(); err != nil {
 		t.Skipf("mount a tmpfs: %v: %s", err, out)
 	}
-	t.Cleanup(func() { exec.Command("umount", small).Run() })
+	t.Cleanup(func() { _ = exec.Command("umount", small).Run() })
 	svc.StagingDir = small
 	rec := &recorder{}
 	_, err := svc.Build(t.Context(), api.ImageBuildRequest{Name: "full"}, rec.progress)

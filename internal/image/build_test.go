@@ -40,7 +40,7 @@ func TestDefaultImage(t *testing.T) {
 	if ef.Machine != elf.EM_X86_64 || ef.Class != elf.ELFCLASS64 || ef.Type != elf.ET_EXEC {
 		t.Errorf("vmlinux is %v %v %v, want an x86-64 ELF executable", ef.Class, ef.Machine, ef.Type)
 	}
-	ef.Close()
+	_ = ef.Close()
 	initrd, err := os.ReadFile(filepath.Join(dir, imagetest.Initrd))
 	if err != nil {
 		t.Fatal(err)

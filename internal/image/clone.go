@@ -208,7 +208,7 @@ func createFileClone(dst string, fill func(tmp *os.File) error) (err error) {
 	defer func() {
 		tmp.Close()
 		if err != nil {
-			os.Remove(tmp.Name())
+			_ = os.Remove(tmp.Name())
 		}
 	}()
 	if err := fill(tmp); err != nil {

@@ -54,7 +54,7 @@ func (c dmSnapshotCloner) Clone(ctx context.Context, src, dst string) (err error
 		return undo(err)
 	}
 	if err := syncDir(filepath.Dir(dst)); err != nil {
-		os.Remove(dst)
+		_ = os.Remove(dst)
 		return undo(err)
 	}
 	return nil

@@ -63,7 +63,7 @@ func probeReflink(src, dstDir string) error {
 	if err != nil {
 		return fmt.Errorf("create reflink probe: %w", err)
 	}
-	defer os.Remove(probe.Name())
+	defer func() { _ = os.Remove(probe.Name()) }()
 	defer probe.Close()
 	length := uint64(reflinkProbeLen)
 	if st.Size() < reflinkProbeLen {

@@ -34,7 +34,9 @@ func TestQCOW2CloneWithSize(t *testing.T) {
 	var info struct {
 		VirtualSize int64 `json:"virtual-size"`
 	}
-	json.Unmarshal(out, &info)
+	if err := json.Unmarshal(out, &info); err != nil {
+		t.Fatal(err)
+	}
 	if info.VirtualSize != 8<<30 {
 		t.Fatalf("virtual size %d, want 8GiB", info.VirtualSize)
 	}

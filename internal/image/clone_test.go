@@ -34,7 +34,7 @@ func hostDirNoReflink(t *testing.T) string {
 	if err := os.WriteFile(probe, []byte("probe"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	defer os.Remove(probe)
+	defer func() { _ = os.Remove(probe) }()
 	if probeReflink(probe, dir) == nil {
 		t.Skip("the host temp dir supports reflink; this test needs a filesystem that does not")
 	}
@@ -131,7 +131,7 @@ func TestChooseCloner(t *testing.T) {
 			if c.Strategy() != tt.want {
 				t.Fatalf("ChooseCloner chose %q, want %q", c.Strategy(), tt.want)
 			}
-			if left := listDir(t, dstDir); len(left) != 0 && !(len(left) == 1 && left[0] == "lost+found") {
+			if left := listDir(t, dstDir); len(left) != 0 && (len(left) != 1 || left[0] != "lost+found") {
 				t.Fatalf("probing left %v in the destination directory", left)
 			}
 		})

@@ -39,6 +39,6 @@ func FuzzPVHEntry(f *testing.F) {
 	}
 	f.Add(bytes.Repeat([]byte{0}, 64))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		pvhEntry(bytes.NewReader(b))
+		_, _ = pvhEntry(bytes.NewReader(b))
 	})
 }

@@ -190,7 +190,7 @@ func checkVmlinux(r io.ReaderAt) error {
 	if err != nil {
 		return fmt.Errorf("parse ELF: %w", err)
 	}
-	defer ef.Close()
+	defer func() { _ = ef.Close() }()
 	if ef.Class != elf.ELFCLASS64 || ef.Data != elf.ELFDATA2LSB || ef.Machine != elf.EM_X86_64 {
 		return fmt.Errorf("ELF is %v %v %v, want ELFCLASS64 ELFDATA2LSB EM_X86_64", ef.Class, ef.Data, ef.Machine)
 	}
@@ -269,7 +269,7 @@ func extractVmlinux(ctx context.Context, bzImagePath, outPath string) error {
 		return fmt.Errorf("decompress %s payload: %w", comp, err)
 	}
 	dec := &closeOnce{ReadCloser: zr}
-	defer dec.Close()
+	defer func() { _ = dec.Close() }()
 	return writeFileAtomic(outPath, 0o644, func(out *os.File) error {
 		// Read one byte more than declared so that a payload that
 		// decompresses to more than its trailer says is caught too.
@@ -579,7 +579,7 @@ func writeFileAtomic(path string, mode os.FileMode, fill func(*os.File) error) (
 	defer func() {
 		if err != nil {
 			tmp.Close()
-			os.Remove(tmp.Name())
+			_ = os.Remove(tmp.Name())
 		}
 	}()
 	if err := fill(tmp); err != nil {

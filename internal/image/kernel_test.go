@@ -561,7 +561,7 @@ func debianCloudKernel(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 	if out, err := exec.CommandContext(t.Context(), "dpkg-deb", "-x", deb, tmp).CombinedOutput(); err != nil {
 		t.Fatalf("dpkg-deb -x %s: %v\n%s", deb, err, out)
 	}

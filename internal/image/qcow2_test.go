@@ -416,7 +416,7 @@ func sparseSum(t *testing.T, path string) string {
 		t.Fatal(err)
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "size %d mtime %d\n", st.Size(), st.ModTime().UnixNano())
+	_, _ = fmt.Fprintf(h, "size %d mtime %d\n", st.Size(), st.ModTime().UnixNano())
 	fd := int(f.Fd())
 	for off := int64(0); off < st.Size(); {
 		data, err := unix.Seek(fd, off, unix.SEEK_DATA)
@@ -429,7 +429,7 @@ func sparseSum(t *testing.T, path string) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fmt.Fprintf(h, "extent %d+%d\n", data, hole-data)
+		_, _ = fmt.Fprintf(h, "extent %d+%d\n", data, hole-data)
 		if _, err := io.Copy(h, io.NewSectionReader(f, data, hole-data)); err != nil {
 			t.Fatal(err)
 		}

@@ -227,7 +227,9 @@ func TestLineWriter(t *testing.T) {
 	var got []string
 	w := &lineWriter{onLine: func(l string) { got = append(got, l) }}
 	for _, chunk := range []string{"I: one\nI: t", "wo\r\n\n", "progress 10%\rprogress 20%\r", "last"} {
-		w.Write([]byte(chunk))
+		if _, err := w.Write([]byte(chunk)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	w.flush()
 	if diff := cmp.Diff([]string{"I: one", "I: two", "progress 10%", "progress 20%", "last"}, got); diff != "" {
@@ -254,7 +256,7 @@ func TestShellQuote(t *testing.T) {
 func TestPackageCacheMerge(t *testing.T) {
 	dir := t.TempDir()
 	status := filepath.Join(dir, "status")
-	os.WriteFile(status, []byte(`Package: bash
+	if err := os.WriteFile(status, []byte(`Package: bash
 Status: install ok installed
 Architecture: amd64
 Version: 5.2.15-2+b7
@@ -273,7 +275,9 @@ Package: tzdata
 Status: install ok installed
 Architecture: all
 Version: 1:2025b-0+deb12u1
-`), 0o644)
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	keep, err := installedDebs(status)
 	if err != nil {
 		t.Fatal(err)
@@ -286,14 +290,24 @@ Version: 1:2025b-0+deb12u1
 		t.Errorf("installed (-want +got):\n%s", diff)
 	}
 	in, out := filepath.Join(dir, "debs"), filepath.Join(dir, "debs.new")
-	os.Mkdir(in, 0o700)
-	os.Mkdir(out, 0o700)
-	for _, f := range []string{"bash_5.2.15-2+b7_amd64.deb", "bash_5.2.15-2+b6_amd64.deb", "lock"} {
-		os.WriteFile(filepath.Join(in, f), nil, 0o644)
+	if err := os.Mkdir(in, 0o700); err != nil {
+		t.Fatal(err)
 	}
-	os.Mkdir(filepath.Join(in, "partial"), 0o700)
+	if err := os.Mkdir(out, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"bash_5.2.15-2+b7_amd64.deb", "bash_5.2.15-2+b6_amd64.deb", "lock"} {
+		if err := os.WriteFile(filepath.Join(in, f), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(in, "partial"), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	for _, f := range []string{"libc6_2.36-9+deb12u10_amd64.deb", "tzdata_1%3a2025b-0+deb12u1_all.deb", "stray.deb"} {
-		os.WriteFile(filepath.Join(out, f), nil, 0o644)
+		if err := os.WriteFile(filepath.Join(out, f), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := mergeCache(in, out, keep); err != nil {
 		t.Fatal(err)

@@ -66,7 +66,7 @@ func unpackRootfs(ctx context.Context, tarPath, dir string) (fixes []inodeFix, e
 	if err != nil {
 		return nil, fmt.Errorf("unpack root file system: %w", err)
 	}
-	defer root.Close()
+	defer func() { _ = root.Close() }()
 
 	type dirTime struct {
 		name string

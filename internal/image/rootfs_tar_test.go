@@ -99,16 +99,20 @@ func TestUnpackRootfsFixesOwners(t *testing.T) {
 	if os.Geteuid() == 0 {
 		// Make the tree look as an unprivileged unpack leaves it: every
 		// file the user's (chown clears set-id bits; put them back).
-		filepath.WalkDir(tree, func(p string, d fs.DirEntry, err error) error {
+		if err := filepath.WalkDir(tree, func(p string, d fs.DirEntry, err error) error {
 			fi, _ := os.Lstat(p)
 			if err := os.Lchown(p, 12345, 12345); err != nil {
 				t.Fatal(err)
 			}
 			if fi.Mode()&fs.ModeSymlink == 0 {
-				os.Chmod(p, fi.Mode())
+				if err := os.Chmod(p, fi.Mode()); err != nil {
+					t.Fatal(err)
+				}
 			}
 			return nil
-		})
+		}); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if b, err := os.ReadFile(filepath.Join(tree, "usr/bin/sudoedit")); err != nil || string(b) != "#!/bin/sh\n" {
 		t.Errorf("hard link: %q, %v", b, err)
@@ -178,7 +182,9 @@ func TestUnpackRootfsRefuses(t *testing.T) {
 		dir := t.TempDir()
 		writeTar(t, filepath.Join(dir, "x.tar"), []tarEntry{{name: name, typ: tar.TypeReg, mode: 0o644, data: "x"}})
 		tree := filepath.Join(dir, "tree")
-		os.Mkdir(tree, 0o700)
+		if err := os.Mkdir(tree, 0o700); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := unpackRootfs(t.Context(), filepath.Join(dir, "x.tar"), tree); err == nil {
 			t.Errorf("entry %q accepted", name)
 		}
@@ -193,7 +199,9 @@ func TestUnpackRootfsRefuses(t *testing.T) {
 		{name: "./out/evil", typ: tar.TypeReg, mode: 0o644, data: "x"},
 	})
 	tree := filepath.Join(dir, "tree")
-	os.Mkdir(tree, 0o700)
+	if err := os.Mkdir(tree, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := unpackRootfs(t.Context(), filepath.Join(dir, "x.tar"), tree); err == nil {
 		t.Error("write through an escaping symlink accepted")
 	}

@@ -75,15 +75,21 @@ func newImportFixture(t *testing.T) importFixture {
 	if err := os.MkdirAll(filepath.Join(tree, "etc"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(tree, "etc/hostname"), []byte("imported\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(tree, "etc/hostname"), []byte("imported\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	f := importFixture{rootfs: filepath.Join(dir, "rootfs.ext4"), kernel: kernel, initrd: filepath.Join(dir, "initrd.img")}
 	if err := ext4.Make(t.Context(), tree, f.rootfs, 32<<20, ext4.MakeOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	var gz bytes.Buffer
 	w := gzip.NewWriter(&gz)
-	w.Write([]byte("070701 not really a cpio archive, but gzip says initrd"))
-	w.Close()
+	if _, err := w.Write([]byte("070701 not really a cpio archive, but gzip says initrd")); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(f.initrd, gz.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -144,7 +150,7 @@ func TestBuildRefusesExistingName(t *testing.T) {
 	if _, err := svc.Import(t.Context(), f.request("taken"), nil); err == nil {
 		t.Error("import over an existing name succeeded")
 	} else {
-		wantCode(t, err, api.CodeAlreadyExists)
+		_ = wantCode(t, err, api.CodeAlreadyExists)
 	}
 	got, err := svc.Get(t.Context(), "taken")
 	if err != nil || got.ID != im.ID {
@@ -315,9 +321,9 @@ func TestDeleteRefusedWhileUsed(t *testing.T) {
 	if err := svc.Delete(t.Context(), "used"); err != nil {
 		t.Fatal(err)
 	}
-	wantCode(t, svc.Delete(t.Context(), "used"), api.CodeNotFound)
+	_ = wantCode(t, svc.Delete(t.Context(), "used"), api.CodeNotFound)
 	_, err = svc.Get(t.Context(), "used")
-	wantCode(t, err, api.CodeNotFound)
+	_ = wantCode(t, err, api.CodeNotFound)
 	assertNothingLeft(t, svc)
 }
 
@@ -354,18 +360,26 @@ func TestReconcile(t *testing.T) {
 	if err := os.MkdirAll(filepath.Join(leftover, "rootfs/etc"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(leftover, "rootfs/etc/x"), []byte("x"), 0o644)
+	if err := os.WriteFile(filepath.Join(leftover, "rootfs/etc/x"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	orphan := svc.Layout.ImageDir("orphan")
-	os.MkdirAll(orphan, 0o755)
-	os.WriteFile(filepath.Join(orphan, "rootfs.ext4"), []byte("x"), 0o644)
+	if err := os.MkdirAll(orphan, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(orphan, "rootfs.ext4"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	// A delete that crashed after setting the directory aside.
 	if err := os.Rename(svc.Layout.ImageDir("aside"), filepath.Join(svc.Layout.ImagesDir(), ".deleting-aside.abcd")); err != nil {
 		t.Fatal(err)
 	}
 	// A delete that crashed after removing the row.
 	finished := filepath.Join(svc.Layout.ImagesDir(), ".deleting-gone.abcd")
-	os.MkdirAll(finished, 0o755)
-	os.RemoveAll(svc.Layout.ImageDir("broken"))
+	if err := os.MkdirAll(finished, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_ = os.RemoveAll(svc.Layout.ImageDir("broken"))
 
 	rep, err := svc.Reconcile(t.Context())
 	if err != nil {
@@ -394,6 +408,6 @@ func TestReconcile(t *testing.T) {
 	if _, err := svc.Files(t.Context(), "broken"); err == nil {
 		t.Error("broken image reported whole")
 	} else {
-		wantCode(t, err, api.CodeFailedPrecondition)
+		_ = wantCode(t, err, api.CodeFailedPrecondition)
 	}
 }

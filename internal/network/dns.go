@@ -142,7 +142,7 @@ func listenBoth(addr string) (net.PacketConn, net.Listener, error) {
 		if err == nil {
 			return pc, ln, nil
 		}
-		pc.Close()
+		_ = pc.Close()
 		if port != "0" || !errors.Is(err, syscall.EADDRINUSE) {
 			return nil, nil, err
 		}

@@ -187,7 +187,7 @@ func TestDNSUpstreamDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer dead.Close()
+	defer func() { _ = dead.Close() }()
 	s := startTestDNS(t, DNSConfig{Upstreams: []string{dead.LocalAddr().String()}, Timeout: 200 * time.Millisecond})
 	r := query(t, "udp", s.Addr(), "example.com.", dns.TypeA)
 	if r.Rcode != dns.RcodeServerFailure {

@@ -62,8 +62,12 @@ func BenchmarkListVMs1000(b *testing.B) {
 		}
 	}
 	// Warm the connection and the list cache before measuring.
-	get("/v1/vms", 100000)()
-	h.c.ListVMs(ctx)
+	if err := get("/v1/vms", 100000)(); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := h.c.ListVMs(ctx); err != nil {
+		b.Fatal(err)
+	}
 	b.ResetTimer()
 	list := p50(get("/v1/vms", 100000))
 	health := p50(get("/v1/health", 10))

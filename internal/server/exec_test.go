@@ -62,7 +62,7 @@ func (h *execHarness) run(t testing.TB, stdin io.Reader, argv ...string) (string
 	if err != nil {
 		return "", "", api.ExecExit{}, err
 	}
-	defer ec.Close()
+	defer func() { _ = ec.Close() }()
 	var out, errb bytes.Buffer
 	x, err := ec.Run(stdin, &out, &errb)
 	return out.String(), errb.String(), x, err
@@ -125,7 +125,7 @@ func TestExecSignal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ec.Close()
+	defer func() { _ = ec.Close() }()
 	pr, pw := io.Pipe()
 	res := make(chan api.ExecExit, 1)
 	go func() {
@@ -133,7 +133,7 @@ func TestExecSignal(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
-		pw.Close()
+		_ = pw.Close()
 		res <- x
 	}()
 	br := bufio.NewReader(pr)
@@ -160,15 +160,15 @@ func TestExecTTYAndResize(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ec.Close()
+	defer func() { _ = ec.Close() }()
 	// A terminal's input does not end: keep stdin open.
 	inR, inW := io.Pipe()
-	defer inW.Close()
+	defer func() { _ = inW.Close() }()
 	pr, pw := io.Pipe()
 	res := make(chan error, 1)
 	go func() {
 		_, err := ec.Run(inR, pw, io.Discard)
-		pw.Close()
+		_ = pw.Close()
 		res <- err
 	}()
 	br := bufio.NewReader(pr)
@@ -188,7 +188,7 @@ func TestExecTTYAndResize(t *testing.T) {
 	}
 	// Give sshd the resize before the command looks again.
 	time.Sleep(200 * time.Millisecond)
-	inW.Write([]byte("\n"))
+	_, _ = inW.Write([]byte("\n"))
 	rest, _ := io.ReadAll(br)
 	if got := strings.TrimSpace(string(rest)); got != "40 100" {
 		t.Fatalf("after resize: %q", got)
@@ -218,7 +218,7 @@ func TestExecProtocolErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ec.Close()
+	defer func() { _ = ec.Close() }()
 	go func() {
 		time.Sleep(300 * time.Millisecond)
 		close(h.done)
@@ -247,7 +247,7 @@ func BenchmarkExecSSHControlMaster(b *testing.B) {
 	d := guesttest.StartSSHD(b, guesttest.Options{})
 	args := append(d.SSHArgs(), "-o", "ControlMaster=auto", "-o", "ControlPath="+filepath.Join(d.Dir, "cm-%C"), "-o", "ControlPersist=60")
 	dest := d.User + "@127.0.0.1"
-	b.Cleanup(func() { exec.Command("ssh", append(args, "-O", "exit", dest)...).Run() })
+	b.Cleanup(func() { _ = exec.Command("ssh", append(args, "-O", "exit", dest)...).Run() })
 	if out, err := exec.Command("ssh", append(args, dest, "true")...).CombinedOutput(); err != nil {
 		b.Fatalf("ssh: %v %s", err, out)
 	}
@@ -269,11 +269,11 @@ func TestExecClientGoneHangsUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	pr, pw := io.Pipe()
-	go ec.Run(nil, pw, io.Discard)
+	go func() { _, _ = ec.Run(nil, pw, io.Discard) }() // ends in an error once ec is closed below
 	if line, _ := bufio.NewReader(pr).ReadString('\n'); line != "ready\n" {
 		t.Fatalf("first line %q", line)
 	}
-	ec.Close()
+	_ = ec.Close()
 	testutil.WaitFor(t, 10*time.Second, "the command to get SIGHUP", func() bool {
 		_, err := os.Stat(marker)
 		return err == nil

@@ -69,8 +69,8 @@ func startPortServer(t *testing.T, ports PortService) *client.Client {
 		t.Fatal(err)
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: ConnContext}
-	go hs.Serve(ln)
-	t.Cleanup(func() { close(done); hs.Close() })
+	go func() { _ = hs.Serve(ln) }()
+	t.Cleanup(func() { close(done); _ = hs.Close() })
 	return client.New(sock)
 }
 

@@ -78,7 +78,7 @@ func startServer(t testing.TB) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { st.Close() })
+	t.Cleanup(func() { _ = st.Close() })
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, nil))
 	h := &harness{sock: filepath.Join(dir, "api.sock"), st: st, bus: &events.Bus{}, logs: logs, owner: uint32(os.Getuid())}
@@ -106,8 +106,8 @@ func serve(t testing.TB, srv *Server, sock string) {
 		t.Fatal(err)
 	}
 	hs := &http.Server{Handler: srv.Handler(), ConnContext: ConnContext}
-	go hs.Serve(ln)
-	t.Cleanup(func() { hs.Close() })
+	go func() { _ = hs.Serve(ln) }()
+	t.Cleanup(func() { _ = hs.Close() })
 }
 
 func (h *harness) raw(t testing.TB, method, path, contentType string, body io.Reader) (int, api.ErrorResponse) {
@@ -206,11 +206,17 @@ func TestOtherUIDRefused(t *testing.T) {
 	h.owner = 1000
 	// Open the path to everyone so only the credential check stands.
 	for _, p := range []string{filepath.Dir(filepath.Dir(h.sock)), filepath.Dir(h.sock)} {
-		os.Chmod(p, 0o755)
+		if err := os.Chmod(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
-	os.Chmod(h.sock, 0o777)
+	if err := os.Chmod(h.sock, 0o777); err != nil {
+		t.Fatal(err)
+	}
 	exe, _ := os.Executable()
-	os.Chmod(exe, 0o755)
+	if err := os.Chmod(exe, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	cmd := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe)
 	cmd.Env = []string{"BANGER_TEST_CLIENT_SOCKET=" + h.sock}
 	out, err := cmd.CombinedOutput()
@@ -238,7 +244,7 @@ func TestEventStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	// The subscription exists once the response headers arrived.
 	h.bus.Publish(api.Event{Type: "vm.state", Kind: "vm", Name: "a"})
 	h.bus.Publish(api.Event{Type: "vm.state", Kind: "vm", Name: "b"})

@@ -58,7 +58,7 @@ func (s *Store) ListImages(ctx context.Context) ([]Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list images: %w", err)
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var out []Image
 	for rows.Next() {
 		im, err := scanImage(rows)
@@ -128,7 +128,7 @@ func namesOf(ctx context.Context, tx *sql.Tx, q string, args ...any) ([]string, 
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var out []string
 	for rows.Next() {
 		var n string

@@ -108,7 +108,7 @@ func appliedIDs(ctx context.Context, q interface {
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var ids []int
 	for rows.Next() {
 		var id int
@@ -202,7 +202,7 @@ func openAt(ctx context.Context, path string, upTo int) (*Store, error) {
 	rw.SetMaxOpenConns(1)
 	s := &Store{path: path, rw: rw}
 	if err := s.migrateTo(ctx, upTo, "", slog.New(slog.DiscardHandler)); err != nil {
-		rw.Close()
+		_ = rw.Close()
 		return nil, err
 	}
 	return s, nil
@@ -222,11 +222,13 @@ func ExerciseMigration(ctx context.Context, path string, id int, seed func(*sql.
 	}
 	if seed != nil {
 		if err := s.Tx(ctx, seed); err != nil {
-			s.Close()
+			_ = s.Close()
 			return nil, fmt.Errorf("seed: %w", err)
 		}
 	}
-	s.Close()
+	if err := s.Close(); err != nil {
+		return nil, fmt.Errorf("close store at migration %d: %w", id-1, err)
+	}
 	return Open(ctx, path, Options{})
 }
 

@@ -94,7 +94,7 @@ func (s *Store) ListResources(ctx context.Context, vmID string) ([]Resource, err
 	if err != nil {
 		return nil, fmt.Errorf("list resources: %w", err)
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var out []Resource
 	for rows.Next() {
 		var r Resource

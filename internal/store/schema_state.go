@@ -107,7 +107,7 @@ func InspectSchemaState(ctx context.Context, path string) (SchemaState, error) {
 	if err != nil {
 		return SchemaState{}, fmt.Errorf("inspect schema of %s: %w", path, err)
 	}
-	defer db.Close()
+	defer func() { _ = db.Close() }()
 	var n int
 	err = db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'schema_migrations'`).Scan(&n)
 	if err != nil {

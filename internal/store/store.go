@@ -76,23 +76,23 @@ func Open(ctx context.Context, path string, opts Options) (*Store, error) {
 	rw.SetMaxOpenConns(1)
 	rw.SetConnMaxIdleTime(0)
 	if err := rw.PingContext(ctx); err != nil {
-		rw.Close()
+		_ = rw.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
-		rw.Close()
+		_ = rw.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	s := &Store{path: path, rw: rw}
 	if err := s.migrate(ctx, opts.BackupDir, log); err != nil {
-		rw.Close()
+		_ = rw.Close()
 		return nil, err
 	}
 	// Readers open after the schema is in place. They are not mode=ro: a WAL
 	// reader may need to create the -shm file.
 	ro, err := sql.Open("sqlite", dsn(path, false))
 	if err != nil {
-		rw.Close()
+		_ = rw.Close()
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	ro.SetMaxOpenConns(4)

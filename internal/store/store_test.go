@@ -18,7 +18,7 @@ func openTest(t *testing.T) *Store {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { s.Close() })
+	t.Cleanup(func() { _ = s.Close() })
 	return s
 }
 
@@ -44,9 +44,15 @@ func TestOpenPragmas(t *testing.T) {
 		if err := db.QueryRowContext(ctx, `PRAGMA journal_mode`).Scan(&mode); err != nil {
 			t.Fatal(err)
 		}
-		db.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&sync)
-		db.QueryRowContext(ctx, `PRAGMA foreign_keys`).Scan(&fk)
-		db.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&busy)
+		if err := db.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&sync); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.QueryRowContext(ctx, `PRAGMA foreign_keys`).Scan(&fk); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.QueryRowContext(ctx, `PRAGMA busy_timeout`).Scan(&busy); err != nil {
+			t.Fatal(err)
+		}
 		if mode != "wal" || sync != 2 || fk != 1 || busy < 1000 {
 			t.Errorf("journal_mode=%s synchronous=%d foreign_keys=%d busy_timeout=%d", mode, sync, fk, busy)
 		}
@@ -75,14 +81,18 @@ func TestInspectSchemaState(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.Close()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
 		}, Compatible, "compatible: schema at migration " + itoa(last)},
 		{"only first applied", func(t *testing.T, path string) {
 			s, err := openAt(ctx, path, 1)
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.Close()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
 		}, MigrationsNeeded, "migrations needed: pending " + fmtIDs(KnownMigrations()[1:]) + " (binary will apply on first Open)"},
 		{"unknown id 99", func(t *testing.T, path string) {
 			s, err := Open(ctx, path, Options{})
@@ -92,7 +102,9 @@ func TestInspectSchemaState(t *testing.T) {
 			if _, err := s.rw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', '2030-01-01T00:00:00Z')`); err != nil {
 				t.Fatal(err)
 			}
-			s.Close()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
 		}, Incompatible, "incompatible: database has migrations [99] unknown to this binary"},
 		{"fresh db without table", func(t *testing.T, path string) {
 			db, err := sql.Open("sqlite", path)
@@ -102,7 +114,7 @@ func TestInspectSchemaState(t *testing.T) {
 			if _, err := db.Exec(`CREATE TABLE unrelated (x)`); err != nil {
 				t.Fatal(err)
 			}
-			db.Close()
+			_ = db.Close()
 		}, MigrationsNeeded, "migrations needed: pending " + fmtIDs(KnownMigrations()) + " (binary will apply on first Open)"},
 		{"no file", func(t *testing.T, path string) {}, MigrationsNeeded,
 			"migrations needed: pending " + fmtIDs(KnownMigrations()) + " (binary will apply on first Open)"},
@@ -149,8 +161,12 @@ func TestOpenRefusesIncompatible(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.rw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`)
-	s.Close()
+	if _, err := s.rw.Exec(`INSERT INTO schema_migrations (id, name, applied_at) VALUES (99, 'future', 'x')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	_, err = Open(ctx, path, Options{})
 	if !errors.Is(err, ErrIncompatible) {
 		t.Fatalf("Open = %v, want ErrIncompatible", err)
@@ -168,12 +184,16 @@ func TestBackupBeforeMigrating(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	s, err = Open(ctx, path, Options{BackupDir: backups})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	entries, _ := os.ReadDir(backups)
 	if len(entries) != 1 {
 		t.Fatalf("%d backups, want 1", len(entries))
@@ -192,7 +212,9 @@ func TestBackupBeforeMigrating(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := os.Stat(fb); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("fresh install made a backup dir: %v", err)
 	}
@@ -208,7 +230,7 @@ func TestMigrationKeepsImages(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s.Close()
+	defer func() { _ = s.Close() }()
 	im, err := s.GetImage(ctx, "default")
 	if err != nil || im.ID != "abc" {
 		t.Fatalf("GetImage after migration = %+v, %v", im, err)

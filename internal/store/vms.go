@@ -130,7 +130,7 @@ func (s *Store) ListVMs(ctx context.Context) ([]VM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list vms: %w", err)
 	}
-	defer rows.Close()
+	defer func() { _ = rows.Close() }()
 	var out []VM
 	for rows.Next() {
 		v, err := scanVM(rows)

@@ -49,7 +49,7 @@ func CachedDir(t testing.TB, kind, key string, fill func(dir string) error) stri
 	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatalf("lock %s: %v", dir, err)
 	}
-	defer unix.Flock(int(lock.Fd()), unix.LOCK_UN)
+	defer func() { _ = unix.Flock(int(lock.Fd()), unix.LOCK_UN) }()
 	if st, err := os.Stat(dir); err == nil && st.IsDir() {
 		return dir // another process filled it while we waited
 	} else if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -60,13 +60,13 @@ func CachedDir(t testing.TB, kind, key string, fill func(dir string) error) stri
 	// the lock.
 	stale, _ := filepath.Glob(dir + ".tmp-*")
 	for _, s := range stale {
-		os.RemoveAll(s)
+		_ = os.RemoveAll(s)
 	}
 	tmp, err := os.MkdirTemp(base, key+".tmp-")
 	if err != nil {
 		t.Fatalf("create cache scratch: %v", err)
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 	fillDir := filepath.Join(tmp, "entry")
 	if err := os.Mkdir(fillDir, 0o755); err != nil {
 		t.Fatalf("create cache scratch: %v", err)

@@ -171,7 +171,7 @@ func debianPackageLocked(ctx context.Context, cache, name string) (string, error
 	if err != nil {
 		return "", fmt.Errorf("create download dir: %w", err)
 	}
-	defer os.RemoveAll(tmp)
+	defer func() { _ = os.RemoveAll(tmp) }()
 	// --print-uris names the exact file (name_version_arch.deb) without
 	// downloading, so a cached version is found without the network.
 	out, err := runTool(ctx, tmp, "apt-get", "download", "--print-uris", name)

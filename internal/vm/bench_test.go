@@ -120,12 +120,12 @@ func BenchmarkCreateToCommand(b *testing.B) {
 		if err != nil {
 			return err
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }()
 		sess, err := c.NewSession()
 		if err != nil {
 			return err
 		}
-		defer sess.Close()
+		defer func() { _ = sess.Close() }()
 		return sess.Run("true")
 	}
 	var bangerDs, rawDs []time.Duration
@@ -154,7 +154,7 @@ func BenchmarkCreateToCommand(b *testing.B) {
 			if err != nil {
 				return err
 			}
-			c.Close()
+			_ = c.Close()
 			return runTrue(t)
 		})
 		if err != nil {
@@ -183,7 +183,7 @@ func rawBoot(ctx context.Context, files BootFiles, id string, rt Runtime, ready 
 	if err != nil {
 		return 0, err
 	}
-	defer os.Remove(console.Name())
+	defer func() { _ = os.Remove(console.Name()) }()
 	defer console.Close()
 	t0 := time.Now()
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-M", "microvm", "-m", "512", "-smp", "1",

@@ -81,7 +81,7 @@ func (s *Service) bootLocked(ctx context.Context, row store.VM, rt Runtime, opt 
 			s.setMachine(row.ID, nil)
 			_ = m.Kill()
 			<-m.Done()
-			m.Close()
+			_ = m.Close()
 		}
 		s.deactivateAll(row.ID)
 		if rerr := s.release(bg, row.ID, runtimeKinds...); rerr != nil {
@@ -278,7 +278,7 @@ func freePort() (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("find a free port: %w", err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 

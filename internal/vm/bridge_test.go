@@ -190,7 +190,7 @@ func TestBridgeNetwork(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer held.Close()
+		defer func() { _ = held.Close() }()
 		heldPort := held.Addr().(*net.TCPAddr).Port
 		if _, err := be.svc.AddPort(ctx, "beta", api.PortForwardRequest{Proto: "tcp", HostPort: heldPort, GuestPort: 80}); apiCode(err) != api.CodeConflict || !strings.Contains(err.Error(), "in use") {
 			t.Errorf("forward of a port in use: %v", err)
@@ -600,7 +600,7 @@ func crashBridgeService(t *testing.T, raw string, dnsPort uint16) (*Service, cra
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { st.Close() })
+	t.Cleanup(func() { _ = st.Close() })
 	images := &image.Service{Store: st, Layout: cs.Layout, Defaults: config.Default().Image, Log: testLogger(t)}
 	svc := newService(t, images)
 	sub, _ := network.ParseSubnet(network.DefaultCIDR)

@@ -48,7 +48,7 @@ func TestUserModePortForwards(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer held.Close()
+	defer func() { _ = held.Close() }()
 	_, err = e.svc.AddPort(ctx, "fwd", api.PortForwardRequest{Proto: "tcp", HostPort: held.Addr().(*net.TCPAddr).Port, GuestPort: 22})
 	if apiCode(err) != api.CodeConflict || !strings.Contains(err.Error(), "in use") {
 		t.Errorf("forward of a port in use: %v", err)

@@ -32,7 +32,7 @@ func TestMain(m *testing.M) {
 	fcfake.Main()
 	code := m.Run()
 	if jailBins.dir != "" {
-		os.RemoveAll(jailBins.dir)
+		_ = os.RemoveAll(jailBins.dir)
 	}
 	os.Exit(code)
 }
@@ -145,12 +145,12 @@ func (e *env) tryRun(name, cmd string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	sess, err := c.NewSession()
 	if err != nil {
 		return "", err
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	out, err := sess.CombinedOutput(cmd)
 	return string(out), err
 }

@@ -160,7 +160,7 @@ func (s *Service) destroyLocked(ctx context.Context, row store.VM) error {
 		s.setMachine(row.ID, nil)
 		_ = m.Kill()
 		<-m.Done()
-		m.Close()
+		_ = m.Close()
 	}
 	s.deactivateAll(row.ID)
 	if err := s.release(ctx, row.ID); err != nil {

@@ -110,15 +110,15 @@ func rerunInNetNS(tb testing.TB, args ...string) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	go func() {
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
-			c.Close()
+			_, _ = fmt.Fprintf(c, "%s\n", c.RemoteAddr().(*net.TCPAddr).IP)
+			_ = c.Close()
 		}
 	}()
 
@@ -144,7 +144,7 @@ func rerunInNetNS(tb testing.TB, args ...string) string {
 		}
 	}()
 	err = cmd.Run()
-	pw.Close()
+	_ = pw.Close()
 	<-relayed
 	if err != nil {
 		tb.Fatalf("the test inside namespace %s failed: %v", hostNS, err)
@@ -202,7 +202,7 @@ func newBridgeEnv(t testing.TB, ns string, configure ...func(*helper.Config)) *b
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	t.Cleanup(func() { _ = os.RemoveAll(sockDir) })
 	sock := filepath.Join(sockDir, "helper.sock")
 	hcfg := helper.Config{
 		OwnerUID: testOwner,
@@ -308,12 +308,12 @@ func (e *env) runIn(t *testing.T, name, cmd string, stdin io.Reader) string {
 	if err != nil {
 		t.Fatalf("ssh to %s: %v", name, err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	sess, err := c.NewSession()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer sess.Close()
+	defer func() { _ = sess.Close() }()
 	sess.Stdin = stdin
 	out, err := sess.CombinedOutput(cmd)
 	if err != nil {
@@ -357,7 +357,7 @@ func tcpGreeting(t *testing.T, addr string) string {
 		if err == nil {
 			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 			line, rerr := bufio.NewReader(c).ReadString('\n')
-			c.Close()
+			_ = c.Close()
 			if rerr == nil {
 				return strings.TrimSpace(line)
 			}
@@ -378,7 +378,7 @@ func udpEchoes(t *testing.T, addr, msg string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	buf := make([]byte, 2048)
 	deadline := time.Now().Add(30 * time.Second)
 	var last error

@@ -52,7 +52,7 @@ func startProxy(proto, listen, target string, log *slog.Logger) (io.Closer, erro
 		}
 		raddr, err := net.ResolveUDPAddr("udp4", target)
 		if err != nil {
-			pc.Close()
+			_ = pc.Close()
 			return nil, fmt.Errorf("resolve %s: %w", target, err)
 		}
 		p := &udpProxy{pc: pc, target: raddr, log: log, sessions: map[string]*udpSession{}}
@@ -86,7 +86,7 @@ func (p *tcpProxy) serve() {
 			return
 		}
 		if !p.track(c) {
-			c.Close()
+			_ = c.Close()
 			return
 		}
 		p.wg.Add(1)
@@ -113,7 +113,7 @@ func (p *tcpProxy) untrack(c net.Conn) {
 
 func (p *tcpProxy) relay(client net.Conn) {
 	defer p.wg.Done()
-	defer func() { client.Close(); p.untrack(client) }()
+	defer func() { _ = client.Close(); p.untrack(client) }()
 	ctx, cancel := context.WithTimeout(context.Background(), proxyDialTimeout)
 	guest, err := (&net.Dialer{}).DialContext(ctx, "tcp4", p.target)
 	cancel()
@@ -122,10 +122,10 @@ func (p *tcpProxy) relay(client net.Conn) {
 		return
 	}
 	if !p.track(guest) {
-		guest.Close()
+		_ = guest.Close()
 		return
 	}
-	defer func() { guest.Close(); p.untrack(guest) }()
+	defer func() { _ = guest.Close(); p.untrack(guest) }()
 	// Each direction ends with a half-close, so a client that shuts down
 	// its sending side still gets the guest's whole answer.
 	done := make(chan struct{})
@@ -155,7 +155,7 @@ func (p *tcpProxy) Close() error {
 	p.closed = true
 	err := p.ln.Close()
 	for c := range p.conns {
-		c.Close()
+		_ = c.Close()
 	}
 	p.mu.Unlock()
 	p.wg.Wait()
@@ -254,7 +254,7 @@ func (p *udpProxy) replies(key string, s *udpSession) {
 			delete(p.sessions, key)
 		}
 		p.mu.Unlock()
-		s.conn.Close()
+		_ = s.conn.Close()
 	}()
 	buf := make([]byte, maxDatagram)
 	for {
@@ -296,7 +296,7 @@ func (p *udpProxy) Close() error {
 	p.closed = true
 	err := p.pc.Close()
 	for _, s := range p.sessions {
-		s.conn.Close()
+		_ = s.conn.Close()
 	}
 	p.mu.Unlock()
 	p.wg.Wait()

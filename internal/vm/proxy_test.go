@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -18,7 +19,7 @@ func tcpEcho(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
+	t.Cleanup(func() { _ = ln.Close() })
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -26,9 +27,9 @@ func tcpEcho(t *testing.T) string {
 				return
 			}
 			go func() {
-				defer c.Close()
+				defer func() { _ = c.Close() }()
 				b, _ := io.ReadAll(c)
-				fmt.Fprintf(c, "echo:%s", b)
+				_, _ = fmt.Fprintf(c, "echo:%s", b)
 			}()
 		}
 	}()
@@ -42,7 +43,7 @@ func udpEcho(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { pc.Close() })
+	t.Cleanup(func() { _ = pc.Close() })
 	go func() {
 		buf := make([]byte, 2048)
 		for {
@@ -80,11 +81,13 @@ func TestTCPProxy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		fmt.Fprintf(c, "hello %d", i)
-		c.(*net.TCPConn).CloseWrite()
+		_, _ = fmt.Fprintf(c, "hello %d", i)
+		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
 		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 		got, err := io.ReadAll(c)
-		c.Close()
+		_ = c.Close()
 		if err != nil || string(got) != fmt.Sprintf("echo:hello %d", i) {
 			t.Fatalf("relayed answer %q, %v", got, err)
 		}
@@ -94,7 +97,7 @@ func TestTCPProxy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer idle.Close()
+	defer func() { _ = idle.Close() }()
 	time.Sleep(50 * time.Millisecond) // let the relay accept it
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
@@ -102,14 +105,14 @@ func TestTCPProxy(t *testing.T) {
 	_ = idle.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := idle.Read(make([]byte, 1)); err == nil {
 		t.Error("a relayed connection survived Close")
-	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+	} else if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
 		t.Error("a relayed connection stayed open after Close")
 	}
 	ln, err := net.Listen("tcp4", listen)
 	if err != nil {
 		t.Fatalf("port not freed by Close: %v", err)
 	}
-	ln.Close()
+	_ = ln.Close()
 }
 
 // A TCP relay to a guest port where nothing listens closes the client's
@@ -125,9 +128,9 @@ func TestTCPProxyTargetDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	defer func() { _ = c.Close() }()
 	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if n, err := c.Read(make([]byte, 16)); err != io.EOF {
+	if n, err := c.Read(make([]byte, 16)); !errors.Is(err, io.EOF) {
 		t.Fatalf("read from a relay without target = %d, %v; want EOF", n, err)
 	}
 }
@@ -147,7 +150,7 @@ func TestUDPProxy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		defer func() { _ = c.Close() }()
 		clients = append(clients, c)
 	}
 	for round := range 2 {
@@ -171,7 +174,7 @@ func TestUDPProxy(t *testing.T) {
 	if err != nil {
 		t.Fatalf("port not freed by Close: %v", err)
 	}
-	pc.Close()
+	_ = pc.Close()
 }
 
 // A relay refuses a protocol other than tcp or udp, and a port in use.
@@ -183,7 +186,7 @@ func TestProxyRefuses(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	if p, err := startProxy("tcp", ln.Addr().String(), "127.0.0.1:1", slog.New(slog.DiscardHandler)); err == nil {
 		p.Close()
 		t.Error("relay listened on a port in use")

@@ -64,7 +64,7 @@ func (s *Service) waitReady(ctx context.Context, row store.VM, rt Runtime, m vmm
 			c, err := guest.Dial(hctx, target)
 			hcancel()
 			if err == nil {
-				c.Close()
+				_ = c.Close()
 				return nil
 			}
 			if errors.Is(err, guest.ErrHostKeyChanged) || errors.Is(err, guest.ErrHostUnknown) {
@@ -95,7 +95,7 @@ func (s *Service) bootFailure(ctx context.Context, row store.VM, m vmm.Machine, 
 	default:
 	}
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-		return fmt.Errorf("the guest did not answer SSH within %s (%v); console ends with: %q", ReadyTimeout, cause, tail)
+		return fmt.Errorf("the guest did not answer SSH within %s (%w); console ends with: %q", ReadyTimeout, cause, tail)
 	}
 	return cause
 }
@@ -148,13 +148,13 @@ func newConsoleWatch(path string, offset int64) (*consoleWatch, error) {
 	// Watch the directory: the log is created by the console logger and
 	// rotated by rename.
 	if _, err := unix.InotifyAddWatch(fd, filepath.Dir(path), unix.IN_MODIFY|unix.IN_CREATE|unix.IN_MOVED_TO|unix.IN_CLOSE_WRITE); err != nil {
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		return nil, fmt.Errorf("inotify watch %s: %w", filepath.Dir(path), err)
 	}
 	return &consoleWatch{path: path, fd: fd, offset: offset}, nil
 }
 
-func (w *consoleWatch) close() { unix.Close(w.fd) }
+func (w *consoleWatch) close() { _ = unix.Close(w.fd) }
 
 // wait returns true once the marker appears, false when d elapses first,
 // and an error when ctx ends or done closes.

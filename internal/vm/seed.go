@@ -96,7 +96,7 @@ func makeSeed(path string, files []ext4.File) error {
 		err = cerr
 	}
 	if err != nil {
-		os.Remove(path)
+		_ = os.Remove(path)
 	}
 	return err
 }

@@ -54,7 +54,9 @@ func TestSeedArchive(t *testing.T) {
 		t.Fatalf("first entry %q, want %q", first, seedMagic)
 	}
 	root := filepath.Join(dir, "root")
-	os.Mkdir(root, 0o755)
+	if err := os.Mkdir(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	out, err := exec.Command("tar", "-xpf", disk, "-C", root, "--same-owner", "--exclude="+seedMagic, "--exclude="+seedRemoveList).CombinedOutput()
 	if err != nil {
 		t.Fatalf("tar -x: %v\n%s", err, out)

@@ -149,7 +149,7 @@ func (s *Service) Close() {
 	s.machines = nil
 	s.mu.Unlock()
 	for _, m := range ms {
-		m.Close()
+		_ = m.Close()
 	}
 	s.deactivateAll("")
 	s.closeBridge()

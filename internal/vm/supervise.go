@@ -32,7 +32,7 @@ func (s *Service) handleExitLocked(ctx context.Context, row store.VM, m vmm.Mach
 	s.setMachine(row.ID, nil)
 	s.deactivateAll(row.ID)
 	exit := m.Exit()
-	m.Close()
+	_ = m.Close()
 	log := s.Log.With("vm", row.Name, "id", row.ID)
 	cur, err := s.Store.GetVMByID(ctx, row.ID)
 	if err != nil {

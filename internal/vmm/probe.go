@@ -200,7 +200,7 @@ func runProbe(ctx context.Context, o ProbeOptions, key ProbeKey) (bool, string) 
 	if err != nil {
 		return false, fmt.Sprintf("cannot create a directory for the test guest: %v", err)
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 	fw := filepath.Join(dir, "probe.bin")
 	if err := os.WriteFile(fw, probeGuest(), 0o600); err != nil {
 		return false, fmt.Sprintf("cannot write the test guest: %v", err)
@@ -299,7 +299,7 @@ func checkDevKVM(dev string) string {
 	if err != nil {
 		return fmt.Sprintf("%s opens but KVM_CREATE_VM fails: %v (hint: another hypervisor may hold VT-x/AMD-V)", dev, err)
 	}
-	unix.Close(vm)
+	_ = unix.Close(vm)
 	return ""
 }
 
@@ -342,7 +342,7 @@ func saveProbe(path string, r ProbeResult) error {
 	if err != nil {
 		return fmt.Errorf("create temp file: %w", err)
 	}
-	defer os.Remove(tmp.Name())
+	defer func() { _ = os.Remove(tmp.Name()) }()
 	if _, err := tmp.Write(append(b, '\n')); err != nil {
 		tmp.Close()
 		return fmt.Errorf("write %s: %w", tmp.Name(), err)

@@ -181,7 +181,7 @@ func TestProbeCache(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
-	os.Remove(cache)
+	_ = os.Remove(cache)
 	if r := ProbeKVM(ctx, opts); r.Usable || !strings.Contains(r.Reason, "cancel") {
 		t.Errorf("cancelled probe: %+v", r)
 	}

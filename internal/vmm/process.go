@@ -79,12 +79,12 @@ func Spawn(o SpawnOptions) (*Process, error) {
 	if err := cmd.Start(); err != nil {
 		if logger != nil {
 			// The logger sees EOF once the pipe's last writer is gone.
-			go logger.Wait()
+			go func() { _ = logger.Wait() }()
 		}
 		return nil, fmt.Errorf("start %s: %w", o.Argv[0], err)
 	}
 	if logger != nil {
-		go logger.Wait() // reap it when it exits, if we are still its parent
+		go func() { _ = logger.Wait() }() // reap it when it exits, if we are still its parent
 	}
 	// The child is ours and unreaped, so its pid cannot be recycled; a child
 	// that already exited is a zombie whose start time is still valid.
@@ -122,7 +122,7 @@ func (p *Process) Signal(sig syscall.Signal) error {
 	if err != nil {
 		return err
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	if err := unix.PidfdSendSignal(fd, sig, nil, 0); err != nil {
 		if errors.Is(err, unix.ESRCH) {
 			return ErrGone
@@ -143,7 +143,7 @@ func (p *Process) pidfd() (int, error) {
 		return -1, fmt.Errorf("pidfd_open %d: %w", p.PID, err)
 	}
 	if !p.Alive() {
-		unix.Close(fd)
+		_ = unix.Close(fd)
 		return -1, ErrGone
 	}
 	return fd, nil
@@ -167,7 +167,7 @@ func (p *Process) Wait() int {
 	if err != nil {
 		return -1
 	}
-	defer unix.Close(fd)
+	defer func() { _ = unix.Close(fd) }()
 	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 	for {
 		_, err := unix.Poll(fds, -1)

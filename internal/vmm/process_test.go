@@ -2,6 +2,7 @@ package vmm
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -85,7 +86,7 @@ func TestFindAndWaitNonChild(t *testing.T) {
 	if sid, _ := syscall.Getpgid(p.PID); sid != p.PID {
 		t.Errorf("process group %d, want its own %d", sid, p.PID)
 	}
-	if _, err := Find(p.PID, p.StartTime+1); err != ErrGone {
+	if _, err := Find(p.PID, p.StartTime+1); !errors.Is(err, ErrGone) {
 		t.Fatalf("Find with wrong start time: %v, want ErrGone", err)
 	}
 	found, err := Find(p.PID, p.StartTime)

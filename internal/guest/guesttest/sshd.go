@@ -80,7 +80,7 @@ func StartSSHD(t testing.TB, opts Options) *SSHD {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	u, err := user.Current()
 	if err != nil {
 		t.Fatal(err)
@@ -171,7 +171,7 @@ func freePort(t testing.TB) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	return ln.Addr().(*net.TCPAddr).Port
 }
 

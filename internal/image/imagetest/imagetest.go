@@ -70,7 +70,7 @@ func newServiceIn(t testing.TB, root string) *image.Service {
 	}
 	// Cleanups run last-registered first: background deletions end
 	// before the store closes and the temporary directory goes.
-	t.Cleanup(func() { st.Close() })
+	t.Cleanup(func() { _ = st.Close() })
 	t.Cleanup(svc.Wait)
 	return svc
 }
@@ -125,7 +125,7 @@ func DefaultImage(t testing.TB) string {
 		if err != nil {
 			return err
 		}
-		defer os.RemoveAll(work)
+		defer func() { _ = os.RemoveAll(work) }()
 		svc := newServiceIn(t, work)
 		ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 		defer cancel()
@@ -168,8 +168,8 @@ func pruneStale(t testing.TB, keep string) {
 			continue
 		}
 		if info, err := e.Info(); err == nil && time.Since(info.ModTime()) > staleAfter {
-			os.RemoveAll(filepath.Join(base, name))
-			os.Remove(filepath.Join(base, name+".lock"))
+			_ = os.RemoveAll(filepath.Join(base, name))
+			_ = os.Remove(filepath.Join(base, name+".lock"))
 		}
 	}
 }

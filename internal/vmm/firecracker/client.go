@@ -114,7 +114,7 @@ func ValidID(id string) error {
 		return errors.New("empty resource id")
 	}
 	for _, r := range id {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_') {
+		if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '_' {
 			return fmt.Errorf("resource id %q: only letters, digits and '_' are allowed", id)
 		}
 	}

@@ -112,7 +112,7 @@ func TestNegotiateRefusesOldVersion(t *testing.T) {
 		_, _ = w.Write([]byte(`{"firecracker_version":"1.13.1"}`))
 	})}
 	go func() { _ = hs.Serve(ln) }()
-	t.Cleanup(func() { hs.Close() })
+	t.Cleanup(func() { _ = hs.Close() })
 	_, err = NewClient(sock, nil).Negotiate(t.Context())
 	if !errors.Is(err, ErrUnsupportedVersion) || !strings.Contains(err.Error(), "1.13.1") {
 		t.Fatalf("negotiate with 1.13.1: %v", err)

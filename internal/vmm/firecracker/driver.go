@@ -280,7 +280,7 @@ func removeStaleSocket(path string) error {
 		return fmt.Errorf("socket path %s exists and is not a socket; not removing it", path)
 	}
 	if c, err := net.DialTimeout("unix", path, 200*time.Millisecond); err == nil {
-		c.Close()
+		_ = c.Close()
 		return fmt.Errorf("socket %s is in use by a running process (hint: stop the VM first)", path)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -165,7 +165,7 @@ func TestAttachAfterRestart(t *testing.T) {
 	}
 	reap(t, m1)
 	h := m1.Handle()
-	m1.Close() // the old daemon lets go; the VM keeps running
+	_ = m1.Close() // the old daemon lets go; the VM keeps running
 
 	m2, err := (&Driver{}).Attach(t.Context(), h, testLogger(t))
 	if err != nil {
@@ -233,7 +233,9 @@ func TestStartUndoOnFailure(t *testing.T) {
 	assertGone(t, filepath.Join(dir, SocketName), cfg.Vsock.Path)
 	// No fake firecracker of ours is left: the socket paths are free and
 	// a new start on the same dir succeeds.
-	os.Unsetenv(fcfake.EnvNoKVM)
+	if err := os.Unsetenv(fcfake.EnvNoKVM); err != nil {
+		t.Fatal(err)
+	}
 	m, err := d.Start(t.Context(), cfg, testLogger(t))
 	if err != nil {
 		t.Fatalf("restart on the same dir: %v", err)
@@ -272,7 +274,7 @@ func TestStaleSocket(t *testing.T) {
 		t.Fatalf("start over a live socket: %v, want 'in use'", err)
 	}
 	ln.(*net.UnixListener).SetUnlinkOnClose(false)
-	ln.Close() // now stale: the file stays, nobody listens
+	_ = ln.Close() // now stale: the file stays, nobody listens
 
 	m, err := d.Start(t.Context(), cfg, testLogger(t))
 	if err != nil {

@@ -93,7 +93,7 @@ func newFakeJail(t *testing.T, version string) *fakeJail {
 	fj.srv = fcfake.NewServer(spec, fcfake.Options{ID: "vm-test", Root: root, Exit: func(int) { stop() }})
 	hs := &http.Server{Handler: fj.srv}
 	go func() { _ = hs.Serve(ln) }()
-	t.Cleanup(func() { hs.Close(); fj.srv.Close() })
+	t.Cleanup(func() { _ = hs.Close(); fj.srv.Close() })
 
 	fj.j = Jailed{
 		PID: fj.proc.Process.Pid, StartTime: start,
@@ -222,7 +222,7 @@ func TestAttachJailed(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := m.Handle()
-	m.Close()
+	_ = m.Close()
 	if _, err := d.AttachJailed(t.Context(), h, nil, testLogger(t)); err == nil {
 		t.Error("AttachJailed without a kill function")
 	}

@@ -28,7 +28,7 @@ func shortDir(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	return dir
 }
 
@@ -110,9 +110,9 @@ func startFake(t testing.TB, version string, opts fcfake.Options) (string, *fcfa
 	hs := &http.Server{Handler: srv}
 	go func() { _ = hs.Serve(ln) }()
 	return sock, srv, func() {
-		hs.Close()
+		_ = hs.Close()
 		srv.Close()
-		os.RemoveAll(dir)
+		_ = os.RemoveAll(dir)
 	}
 }
 

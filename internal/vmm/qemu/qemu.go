@@ -91,7 +91,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config, log *slog.Logger) (_
 	}
 	sock := QMPSocket(cfg.RunDir)
 	if c, err := net.Dial("unix", sock); err == nil {
-		c.Close()
+		_ = c.Close()
 		return nil, fmt.Errorf("start qemu: %s is served by a running QEMU (hint: attach to it or stop it first)", sock)
 	}
 	// A socket left by a QEMU that was killed would make QEMU fail to bind.
@@ -130,7 +130,7 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config, log *slog.Logger) (_
 		case <-time.After(5 * time.Second):
 			log.Error("qemu did not exit after SIGKILL", "pid", proc.PID)
 		}
-		os.Remove(sock)
+		_ = os.Remove(sock)
 	}()
 
 	c, err := dialQMP(ctx, sock, w.exited)
@@ -140,11 +140,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config, log *slog.Logger) (_
 	// Events arriving meanwhile wait in the client's queue for the Machine.
 	st, err := c.QueryStatus(ctx)
 	if err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, d.startError(cfg, w, err)
 	}
 	if st.Status != "running" {
-		c.Close()
+		_ = c.Close()
 		return nil, fmt.Errorf("start qemu: guest is %q after start, want running", st.Status)
 	}
 	log.Info("qemu started", "pid", proc.PID, "qemu", c.Greeting().VersionString(), "accel", cfg.Accel)
@@ -257,7 +257,7 @@ func (d *Driver) Attach(ctx context.Context, h vmm.Handle, log *slog.Logger) (vm
 		return nil, fmt.Errorf("attach qemu pid %d: %w", h.PID, err)
 	}
 	if _, err := c.QueryStatus(ctx); err != nil {
-		c.Close()
+		_ = c.Close()
 		if !proc.Alive() {
 			return nil, vmm.ErrGone
 		}
@@ -328,7 +328,9 @@ func complaint(path, prefix string) string {
 	defer f.Close()
 	const tail = 8 << 10
 	if st, err := f.Stat(); err == nil && st.Size() > tail {
-		f.Seek(st.Size()-tail, io.SeekStart)
+		if _, err := f.Seek(st.Size()-tail, io.SeekStart); err != nil {
+			return "" // reading from the start would pick a stale line
+		}
 	}
 	b, _ := io.ReadAll(io.LimitReader(f, tail))
 	var errLine, plain, last string
@@ -416,9 +418,9 @@ func (m *Machine) supervise() {
 	case <-time.After(exitEventGrace):
 		m.log.Warn("qmp still open after qemu exited")
 	}
-	m.qmp.Close()
+	_ = m.qmp.Close()
 	// QEMU unlinks its socket on a clean exit, not when killed.
-	os.Remove(m.sock)
+	_ = os.Remove(m.sock)
 	m.mu.Lock()
 	m.exit = m.exitLocked(m.w.code)
 	exit := m.exit

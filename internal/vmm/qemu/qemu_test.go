@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 	vmm.ConsoleLoggerMain()
 	code := m.Run()
 	if fixtureDir != "" {
-		os.RemoveAll(fixtureDir)
+		_ = os.RemoveAll(fixtureDir)
 	}
 	os.Exit(code)
 }
@@ -162,7 +162,7 @@ func start(t *testing.T, cfg vmm.Config) *Machine {
 	}
 	qm := m.(*Machine)
 	t.Cleanup(func() {
-		qm.Kill()
+		_ = qm.Kill()
 		select {
 		case <-qm.Done():
 		case <-time.After(10 * time.Second):
@@ -221,7 +221,7 @@ func freePort(t *testing.T) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	return l.Addr().(*net.TCPAddr).Port
 }
 
@@ -242,7 +242,7 @@ func httpGet(t *testing.T, port int) string {
 			if err == nil && resp.StatusCode == http.StatusOK {
 				return string(b)
 			}
-			last = fmt.Errorf("status %s, read %v", resp.Status, err)
+			last = fmt.Errorf("status %s, read %w", resp.Status, err)
 		} else {
 			last = err
 		}
@@ -330,7 +330,7 @@ func TestLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", runPort), 2*time.Second); err == nil {
-		c.Close()
+		_ = c.Close()
 		t.Error("removed forward still accepts connections")
 	}
 	if err := m.RemoveHostForward(ctx, "eth0", runFwd); !errors.Is(err, ErrNoSuchForward) {
@@ -514,7 +514,7 @@ func TestStartFailureLeavesNothing(t *testing.T) {
 			d := &Driver{StartTimeout: tt.timeout}
 			m, err := d.Start(t.Context(), cfg, testLogger(t))
 			if err == nil {
-				m.Kill()
+				_ = m.Kill()
 				t.Fatal("start succeeded")
 			}
 			t.Logf("start error: %v", err)
@@ -571,7 +571,7 @@ func TestProbeAgreesWithKVMBoot(t *testing.T) {
 		t.Logf("KVM start failed as the probe predicted: %v", err)
 		return
 	}
-	defer func() { m.Kill(); <-m.Done() }()
+	defer func() { _ = m.Kill(); <-m.Done() }()
 	if probe.Usable {
 		waitConsole(t, m, cfg.ConsoleLog, "BANGER-INIT-UP")
 		return
@@ -612,7 +612,7 @@ func BenchmarkStartToQMPReady(b *testing.B) {
 			b.Fatal(err)
 		}
 		driverTotal += time.Since(t0)
-		m.Kill()
+		_ = m.Kill()
 		<-m.Done()
 
 		dir := b.TempDir()
@@ -627,13 +627,13 @@ func BenchmarkStartToQMPReady(b *testing.B) {
 			b.Fatal(err)
 		}
 		if err := handQMPReady(sock); err != nil {
-			cmd.Process.Kill()
-			cmd.Wait()
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
 			b.Fatal(err)
 		}
 		handTotal += time.Since(t0)
-		cmd.Process.Kill()
-		cmd.Wait()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
 	}
 	n := float64(b.N)
 	b.ReportMetric(float64(driverTotal.Milliseconds())/n, "driver-ms/op")
@@ -657,7 +657,7 @@ func handQMPReady(sock string) error {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	r := bufio.NewReader(conn)
 	if _, err := r.ReadString('\n'); err != nil {
 		return err

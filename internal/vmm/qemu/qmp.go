@@ -128,7 +128,7 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 	}
 	c, err := newClient(ctx, conn)
 	if err != nil {
-		conn.Close()
+		_ = conn.Close()
 		return nil, fmt.Errorf("qmp handshake on %s: %w", path, err)
 	}
 	return c, nil
@@ -147,9 +147,9 @@ func newClient(ctx context.Context, conn net.Conn) (*Client, error) {
 	// A QEMU whose monitor is busy with another client accepts the
 	// connection but never greets; the deadline turns that into an error.
 	if dl, ok := ctx.Deadline(); ok {
-		conn.SetReadDeadline(dl)
+		_ = conn.SetReadDeadline(dl)
 	} else {
-		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		_ = conn.SetReadDeadline(time.Now().Add(30 * time.Second))
 	}
 	line, err := readLine(r)
 	if err != nil {
@@ -163,11 +163,11 @@ func newClient(ctx context.Context, conn net.Conn) (*Client, error) {
 		return nil, fmt.Errorf("read greeting: got a %s", m.kind)
 	}
 	c.greeting = m.greeting
-	conn.SetReadDeadline(time.Time{})
+	_ = conn.SetReadDeadline(time.Time{})
 	go c.readLoop(r)
 	go c.pumpEvents()
 	if err := c.Execute(ctx, "qmp_capabilities", nil, nil); err != nil {
-		c.Close()
+		_ = c.Close()
 		return nil, err
 	}
 	return c, nil
@@ -224,7 +224,7 @@ func (c *Client) Execute(ctx context.Context, command string, args, out any) err
 		// A partly written line would leave QEMU's parser confused; the
 		// connection is not worth keeping.
 		c.forget(id, false)
-		c.conn.Close()
+		_ = c.conn.Close()
 		return fmt.Errorf("qmp %s: %w", command, err)
 	}
 	select {
@@ -252,9 +252,9 @@ func (c *Client) write(ctx context.Context, b []byte) error {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
 	if dl, ok := ctx.Deadline(); ok {
-		c.conn.SetWriteDeadline(dl)
+		_ = c.conn.SetWriteDeadline(dl)
 	} else {
-		c.conn.SetWriteDeadline(time.Time{})
+		_ = c.conn.SetWriteDeadline(time.Time{})
 	}
 	_, err := c.conn.Write(b)
 	if err != nil {
@@ -328,10 +328,10 @@ func (c *Client) readLoop(r *bufio.Reader) {
 		if errors.Is(err, net.ErrClosed) || errors.Is(err, errEOF) {
 			err = ErrClosed
 		} else {
-			err = fmt.Errorf("%w: %v", ErrClosed, err)
+			err = fmt.Errorf("%w: %w", ErrClosed, err)
 		}
 	}
-	c.conn.Close()
+	_ = c.conn.Close()
 	c.mu.Lock()
 	c.err = err
 	c.pending = map[string]chan message{}

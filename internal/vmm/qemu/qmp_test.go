@@ -43,12 +43,12 @@ func (f *fakeQMP) requests() []qmpRequest {
 }
 
 func (f *fakeQMP) serve(conn net.Conn) {
-	defer conn.Close()
+	defer func() { _ = conn.Close() }()
 	var wmu sync.Mutex
 	send := func(line string) {
 		wmu.Lock()
 		defer wmu.Unlock()
-		conn.Write([]byte(line + "\r\n")) // QEMU ends lines with CRLF
+		_, _ = conn.Write([]byte(line + "\r\n")) // QEMU ends lines with CRLF
 	}
 	send(greeting72)
 	sc := bufio.NewScanner(conn)
@@ -80,7 +80,7 @@ func dialFake(t *testing.T, handle func(req qmpRequest, send func(string)) bool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
+	t.Cleanup(func() { _ = l.Close() })
 	go func() {
 		conn, err := l.Accept()
 		if err != nil {
@@ -94,7 +94,7 @@ func dialFake(t *testing.T, handle func(req qmpRequest, send func(string)) bool)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { c.Close() })
+	t.Cleanup(func() { _ = c.Close() })
 	return c, f
 }
 
@@ -262,11 +262,11 @@ func TestDialNoGreeting(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	defer func() { _ = l.Close() }()
 	go func() {
 		conn, err := l.Accept()
 		if err == nil {
-			defer conn.Close()
+			defer func() { _ = conn.Close() }()
 			time.Sleep(5 * time.Second)
 		}
 	}()
@@ -294,7 +294,9 @@ func TestHostForward(t *testing.T) {
 		var args struct {
 			Line string `json:"command-line"`
 		}
-		json.Unmarshal(req.Arguments, &args)
+		if err := json.Unmarshal(req.Arguments, &args); err != nil {
+			t.Fatal(err)
+		}
 		mu.Lock()
 		lines = append(lines, args.Line)
 		mu.Unlock()

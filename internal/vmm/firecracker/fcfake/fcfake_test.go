@@ -193,7 +193,7 @@ func TestServerLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	kernel := writeKernel(t, dir)
 	disk := filepath.Join(dir, "root.img")
 	if err := os.WriteFile(disk, make([]byte, 4096), 0o600); err != nil {
@@ -341,13 +341,13 @@ func TestRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "api.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	defer func() { _ = ln.Close() }()
 	out.Reset()
 	if code := Run("1.14.2", []string{"--api-sock", sock}, false, &out, &errb); code != 1 ||
 		!strings.Contains(out.String(), "Failed to open the API socket at: "+sock+". Check that it is not already used.") ||
@@ -406,7 +406,7 @@ func TestDeprecationHeader(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	f := newFake(t, "1.14.2", false)
 	req := httptest.NewRequest("PUT", "/vsock", strings.NewReader(`{"vsock_id":"v","guest_cid":3,"uds_path":"`+filepath.Join(dir, "v.sock")+`"}`))
 	rec := httptest.NewRecorder()

@@ -75,14 +75,14 @@ func RunJailer(args []string, stdout, stderr io.Writer) int {
 	start := time.Now()
 	a, err := parseJailerArgs(args)
 	if errors.Is(err, errJailerVersion) {
-		fmt.Fprintln(stdout, "Jailer v1.14.2 (fcfake)")
+		_, _ = fmt.Fprintln(stdout, "Jailer v1.14.2 (fcfake)")
 		return 0
 	}
 	if err == nil {
 		err = a.run(start)
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "Jailer error: %v\n", err)
+		_, _ = fmt.Fprintf(stderr, "Jailer error: %v\n", err)
 		return jailerExitError
 	}
 	return 0
@@ -188,7 +188,7 @@ func parseJailerArgs(args []string) (*jailerArgs, error) {
 			return nil, fmt.Errorf("invalid format for resource limits: %s", l)
 		}
 		if _, err := strconv.ParseUint(value, 10, 64); err != nil {
-			return nil, fmt.Errorf("invalid limit value %s: %v", value, err)
+			return nil, fmt.Errorf("invalid limit value %s: %w", value, err)
 		}
 		if name != "fsize" && name != "no-file" {
 			return nil, fmt.Errorf("invalid resource argument: %s", name)

@@ -52,7 +52,7 @@ func Main() bool {
 func Run(version string, args []string, noKVM bool, stdout, stderr io.Writer) int {
 	spec, err := LoadSpec(version)
 	if err != nil {
-		fmt.Fprintln(stderr, err)
+		_, _ = fmt.Fprintln(stderr, err)
 		return exitGeneric
 	}
 	sock := "/run/firecracker.socket"
@@ -70,7 +70,7 @@ func Run(version string, args []string, noKVM bool, stdout, stderr io.Writer) in
 		case "--api-sock", "--id", "--start-time-us", "--start-time-cpu-us", "--parent-cpu-time-us":
 			v, ok := value()
 			if !ok {
-				fmt.Fprintf(stderr, "Arguments parsing error: The argument '%s' requires a value, but none was supplied\n", a)
+				_, _ = fmt.Fprintf(stderr, "Arguments parsing error: The argument '%s' requires a value, but none was supplied\n", a)
 				return exitArgParsing
 			}
 			switch a {
@@ -78,22 +78,22 @@ func Run(version string, args []string, noKVM bool, stdout, stderr io.Writer) in
 				sock = v
 			case "--id":
 				if !validInstanceID(v) {
-					fmt.Fprintf(stderr, "Invalid instance ID: %s\n", v) // approximate
+					_, _ = fmt.Fprintf(stderr, "Invalid instance ID: %s\n", v) // approximate
 					return exitGeneric
 				}
 				id = v
 			default:
 				if _, err := strconv.ParseUint(v, 10, 64); err != nil {
-					fmt.Fprintf(stderr, "Arguments parsing error: invalid value %q for %s\n", v, a)
+					_, _ = fmt.Fprintf(stderr, "Arguments parsing error: invalid value %q for %s\n", v, a)
 					return exitArgParsing
 				}
 			}
 		case "--no-seccomp":
 		case "--version":
-			fmt.Fprintf(stdout, "Firecracker v%s\n\n", version)
+			_, _ = fmt.Fprintf(stdout, "Firecracker v%s\n\n", version)
 			return exitOK
 		default:
-			fmt.Fprintf(stderr, "Arguments parsing error: Found argument '%s' which wasn't expected, or isn't valid in this context.\n", a)
+			_, _ = fmt.Fprintf(stderr, "Arguments parsing error: Found argument '%s' which wasn't expected, or isn't valid in this context.\n", a)
 			return exitArgParsing
 		}
 	}
@@ -135,7 +135,7 @@ func validInstanceID(id string) bool {
 		return false
 	}
 	for _, r := range id {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+		if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '-' {
 			return false
 		}
 	}

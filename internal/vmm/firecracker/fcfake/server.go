@@ -116,7 +116,7 @@ func (s *Server) Close() {
 	defer s.mu.Unlock()
 	if s.vsockLn != nil {
 		s.vsockLn.(*net.UnixListener).SetUnlinkOnClose(false)
-		s.vsockLn.Close()
+		_ = s.vsockLn.Close()
 		s.vsockLn = nil
 	}
 	if s.logFile != nil {
@@ -623,7 +623,7 @@ func (s *Server) putVsockLocked(obj *Object) reply {
 		return fault("Vsock config error: Cannot create backend for vsock device: Error binding to the host-side Unix socket: " + rustIOError(err)) // approximate
 	}
 	if s.vsockLn != nil {
-		s.vsockLn.Close() // the previous device goes; its socket file is removed
+		_ = s.vsockLn.Close() // the previous device goes; its socket file is removed
 	}
 	s.vsockLn = ln
 	s.vsock = toMap(obj)
@@ -646,7 +646,7 @@ func bindVsock(path string) (net.Listener, error) {
 			if err != nil {
 				return
 			}
-			c.Close()
+			_ = c.Close()
 		}
 	}()
 	return ln, nil
@@ -708,15 +708,15 @@ func (s *Server) bootConsoleLocked() {
 		}
 	}
 	args += " virtio_mmio.device=4K@0xc0001000:6"
-	fmt.Fprintf(s.opts.Stdout, "[    0.000000] Linux version 6.1.0-fcfake (fcfake emulating firecracker %s)\n", s.spec.Version)
-	fmt.Fprintf(s.opts.Stdout, "[    0.000000] Command line: %s\n", args)
+	_, _ = fmt.Fprintf(s.opts.Stdout, "[    0.000000] Linux version 6.1.0-fcfake (fcfake emulating firecracker %s)\n", s.spec.Version)
+	_, _ = fmt.Fprintf(s.opts.Stdout, "[    0.000000] Command line: %s\n", args)
 }
 
 // resetAfter is the guest reacting to Ctrl-Alt-Del: it shuts down, resets
 // the CPU, and Firecracker exits with status 0.
 func (s *Server) resetAfter(d time.Duration) {
 	time.Sleep(d)
-	fmt.Fprintln(s.opts.Stdout, "[    1.000000] reboot: Restarting system")
+	_, _ = fmt.Fprintln(s.opts.Stdout, "[    1.000000] reboot: Restarting system")
 	s.Logf("INFO", "Firecracker exiting successfully. exit_code=0")
 	s.opts.Exit(0)
 }

@@ -407,7 +407,7 @@ func ValidateID(id string) error {
 		return fmt.Errorf("id %q: must be 1 to 64 characters", id)
 	}
 	for _, r := range id {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-') {
+		if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '-' {
 			return fmt.Errorf("id %q: only letters, digits and '-' are allowed", id)
 		}
 	}
@@ -459,7 +459,7 @@ func checkPathComponent(c string) error {
 		return fmt.Errorf("path component %q: not a plain name", c)
 	}
 	for _, r := range c {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+		if (r < 'a' || r > 'z') && (r < 'A' || r > 'Z') && (r < '0' || r > '9') && r != '.' && r != '_' && r != '-' {
 			return fmt.Errorf("path component %q: only letters, digits, '.', '_' and '-' are allowed", c)
 		}
 	}
