@@ -49,30 +49,15 @@ func buildJailBins(t *testing.T) {
 	t.Helper()
 	jailBins.once.Do(func() {
 		jailBins.err = func() error {
-			dir, err := os.MkdirTemp("", "bgr-jailbin-")
-			if err != nil {
-				return err
-			}
-			jailBins.dir = dir
-			if err := os.Chmod(dir, 0o755); err != nil {
-				return err
-			}
-			jailBins.firecracker = filepath.Join(dir, "firecracker")
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			if err := fcfake.BuildStatic(ctx, jailBins.firecracker, "1.14.2"); err != nil {
-				return err
-			}
-			self, err := os.Executable()
+			jb, err := fcfake.BuildJailBinaries(ctx, "1.14.2")
+			jailBins.dir, jailBins.firecracker, jailBins.jailer = jb.Dir, jb.Firecracker, jb.Jailer
 			if err != nil {
 				return err
 			}
-			jailBins.testBin = filepath.Join(dir, "helper.test")
-			if err := copyFileMode(self, jailBins.testBin, 0o755); err != nil {
-				return err
-			}
-			jailBins.jailer = filepath.Join(dir, fcfake.JailerName)
-			return os.Link(jailBins.testBin, jailBins.jailer)
+			jailBins.testBin = filepath.Join(jb.Dir, "helper.test")
+			return os.Link(jb.Jailer, jailBins.testBin)
 		}()
 	})
 	if jailBins.err != nil {

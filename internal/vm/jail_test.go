@@ -51,34 +51,18 @@ func buildJailBins(t *testing.T) {
 	t.Helper()
 	jailBins.once.Do(func() {
 		jailBins.err = func() error {
-			dir, err := os.MkdirTemp("", "bgr-vmjail-")
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			jb, err := fcfake.BuildJailBinaries(ctx, "1.14.2")
+			jailBins.dir, jailBins.firecracker, jailBins.jailer = jb.Dir, jb.Firecracker, jb.Jailer
 			if err != nil {
 				return err
 			}
-			jailBins.dir = dir
-			if err := os.Chmod(dir, 0o755); err != nil {
-				return err
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			defer cancel()
-			jailBins.firecracker = filepath.Join(dir, "firecracker")
-			if err := fcfake.BuildStatic(ctx, jailBins.firecracker, "1.14.2"); err != nil {
-				return err
-			}
-			jailBins.helper = filepath.Join(dir, "banger-helper")
+			jailBins.helper = filepath.Join(jb.Dir, "banger-helper")
 			if out, err := exec.CommandContext(ctx, "go", "build", "-o", jailBins.helper, "github.com/bangerhq/banger/cmd/banger-helper").CombinedOutput(); err != nil {
 				return fmt.Errorf("build banger-helper: %w: %s", err, out)
 			}
-			self, err := os.Executable()
-			if err != nil {
-				return err
-			}
-			b, err := os.ReadFile(self)
-			if err != nil {
-				return err
-			}
-			jailBins.jailer = filepath.Join(dir, fcfake.JailerName)
-			return os.WriteFile(jailBins.jailer, b, 0o755)
+			return nil
 		}()
 	})
 	if jailBins.err != nil {
