@@ -538,23 +538,11 @@ func TestBridgeCrashDuringCreate(t *testing.T) {
 	}
 	be := newBridgeEnv(t, ns)
 	ctx := context.Background()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	stateDir := be.svc.Layout.StateDir
 	for _, point := range []string{"create:row", "create:identity", "start:tap", "start:spawn", "start:spawned"} {
 		t.Run(point, func(t *testing.T) {
 			before := snapshotHost(t, stateDir)
-			name := "crash-" + strings.ReplaceAll(point, ":", "-")
-			setup, _ := json.Marshal(crashSetup{Layout: be.svc.Layout, Socket: be.helper.Socket, Name: name})
-			cmd := exec.Command(exe, "-test.run", "^TestBridgeCrashDuringCreate$", "-test.v")
-			cmd.Env = append(os.Environ(), envCrash+"="+string(setup), crashpointEnv+"="+point)
-			out, err := cmd.CombinedOutput()
-			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
-				t.Fatalf("the creating process was not killed at %s: %v\n%s", point, err, out)
-			}
+			name := crashCreate(t, "TestBridgeCrashDuringCreate", envCrash, point, be)
 			row, err := be.svc.Store.GetVM(ctx, name)
 			if err != nil {
 				t.Fatalf("no row recorded before %s: %v", point, err)
@@ -586,6 +574,30 @@ func crashingCreate(t *testing.T, raw string) {
 	// back (with NoWait the create is over once the VMM runs).
 	_, err := svc.Create(context.Background(), api.VMCreateRequest{Name: cs.Name, CPUs: 1, MemoryBytes: 512 * api.MiB}, nil)
 	t.Fatalf("create returned (%v) instead of dying at %s", err, crashAt)
+}
+
+// crashCreate reruns this test binary as test, which (seeing env) creates
+// a VM over be's layout and helper in a process of its own, and checks
+// that process was killed at point. It returns the VM's name.
+func crashCreate(t *testing.T, test, env, point string, be *bridgeEnv) string {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := "crash-" + strings.ReplaceAll(point, ":", "-")
+	setup, err := json.Marshal(crashSetup{Layout: be.svc.Layout, Socket: be.helper.Socket, Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run", "^"+test+"$", "-test.v")
+	cmd.Env = append(os.Environ(), env+"="+string(setup), crashpointEnv+"="+point)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("the creating process was not killed at %s: %v\n%s", point, err, out)
+	}
+	return name
 }
 
 // crashBridgeService is the VM service of a process a crash test kills:

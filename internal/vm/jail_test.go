@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -429,23 +428,11 @@ func TestJailedCrash(t *testing.T) {
 	}
 	je := newJailEnv(t, ns)
 	ctx := context.Background()
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
 	stateDir := je.svc.Layout.StateDir
 	for _, point := range []string{"start:spawn", "start:jailed", "start:spawned"} {
 		t.Run(point, func(t *testing.T) {
 			before := snapshotHost(t, stateDir)
-			name := "crash-" + strings.ReplaceAll(point, ":", "-")
-			setup, _ := json.Marshal(crashSetup{Layout: je.svc.Layout, Socket: je.helper.Socket, Name: name})
-			cmd := exec.Command(exe, "-test.run", "^TestJailedCrash$", "-test.v")
-			cmd.Env = append(os.Environ(), envJailCrash+"="+string(setup), crashpointEnv+"="+point)
-			out, err := cmd.CombinedOutput()
-			var ee *exec.ExitError
-			if !errors.As(err, &ee) || ee.ProcessState.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
-				t.Fatalf("the creating process was not killed at %s: %v\n%s", point, err, out)
-			}
+			name := crashCreate(t, "TestJailedCrash", envJailCrash, point, je.bridgeEnv)
 			row, err := je.svc.Store.GetVM(ctx, name)
 			if err != nil {
 				t.Fatalf("no row recorded before %s: %v", point, err)
